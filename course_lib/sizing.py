@@ -29,7 +29,7 @@ def mlp_param_count(layer_sizes: Sequence[int], bias: bool = True) -> int:
     sizes = [int(s) for s in layer_sizes]
     if len(sizes) < 2 or any(s <= 0 for s in sizes):
         raise ValueError("layer_sizes needs at least two positive widths")
-    return sum(n_in * n_out + (n_out if bias else 0) for n_in, n_out in zip(sizes, sizes[1:]))
+    return sum(n_in * n_out + (n_out if bias else 0) for n_in, n_out in zip(sizes, sizes[1:], strict=False))
 
 
 def gpt_param_count(vocab_size: int, block_size: int, n_layer: int, d_model: int,
@@ -38,6 +38,8 @@ def gpt_param_count(vocab_size: int, block_size: int, n_layer: int, d_model: int
 
     GPT-2 small (vocab 50257, block 1024, 12 layers, width 768, tied) has 124,439,808.
     """
+    if min(vocab_size, block_size, d_model) < 1 or n_layer < 0:
+        raise ValueError("vocab_size, block_size and d_model must be positive, n_layer >= 0")
     d = d_model
     embeddings = vocab_size * d + block_size * d
     per_block = (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (2 * d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
@@ -95,4 +97,6 @@ def pairwise_sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Broadcasting, no Python loops: ``|a|^2 + |b|^2 - 2 a b^T`` loses precision when points are far
     from the origin and close to each other, so we difference directly instead.
     """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected shapes (n, d) and (m, d), got {tuple(a.shape)} and {tuple(b.shape)}")
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(dim=-1)

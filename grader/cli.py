@@ -1,0 +1,124 @@
+"""Command line: ``python -m grader {release,autograde,report}`` (also ``course-grader``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from grader import GraderError
+from grader.course import ensure_scripts_on_path, find_root, list_chapters, resolve_chapter
+from grader.ingest import DEFAULT_ID_PATTERN
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m grader",
+        description="Build the student release, autograde submissions, and report grades.")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the course repository (default: found from here)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rel = sub.add_parser("release", help="regenerate chapters/ from solutions/")
+    rel.add_argument("--chapter", action="append", default=None,
+                     help="only this chapter (repeatable; default: all)")
+    rel.add_argument("--check", action="store_true",
+                     help="change nothing; fail if chapters/ differs from a fresh generation")
+
+    auto = sub.add_parser("autograde", help="grade a folder or .zip of submitted notebooks")
+    auto.add_argument("submissions", type=Path, help="folder or .zip of submissions")
+    auto.add_argument("--chapter", required=True, help="e.g. ch01 or ch01_neural_networks")
+    auto.add_argument("--workspace", type=Path, required=True,
+                      help="instructor workspace outside the repository (created if missing)")
+    auto.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel")
+    auto.add_argument("--cell-timeout", type=int, default=600,
+                      help="seconds one cell may run (training cells need minutes)")
+    auto.add_argument("--notebook-timeout", type=float, default=3600,
+                      help="seconds a whole notebook may run before it is stopped")
+    auto.add_argument("--full", action="store_true",
+                      help="run chapters in full mode (default: quick mode, COURSE_QUICK=1)")
+    auto.add_argument("--force", action="store_true",
+                      help="grade again even submissions that are unchanged and already graded")
+    auto.add_argument("--id-pattern", default=DEFAULT_ID_PATTERN,
+                      help="regex with (?P<student>...) reading the id from flat file names")
+
+    rep = sub.add_parser("report", help="grades CSV, feedback HTML, pass-rate summary")
+    rep.add_argument("--chapter", required=True)
+    rep.add_argument("--workspace", type=Path, required=True)
+    rep.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    ensure_scripts_on_path()
+    try:
+        return _run(args)
+    except GraderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue where it stopped",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    root = find_root(args.root)
+    if args.command == "release":
+        from grader import release
+
+        chapters = ([resolve_chapter(root, c) for c in args.chapter] if args.chapter
+                    else list_chapters(root))
+        if not chapters:
+            raise GraderError(f"no chapters with a source notebook under {root / 'solutions'}")
+        if args.check:
+            problems = release.check(root, chapters)
+            for problem in problems:
+                print(problem)
+            if problems:
+                print(f"chapters/ is out of sync with solutions/ ({len(problems)} problem(s)); "
+                      "run `python -m grader release` and commit the result", file=sys.stderr)
+                return 1
+            print(f"chapters/ is in sync with solutions/ ({len(chapters)} chapter(s))")
+            return 0
+        written = release.release(root, chapters)
+        print(f"wrote {len(written)} file(s) for {len(chapters)} chapter(s)")
+        return 0
+
+    from grader.workspace import Workspace
+
+    chapter = resolve_chapter(root, args.chapter)
+    ws = Workspace(args.workspace, root)
+    if args.command == "autograde":
+        from grader.autograde import autograde
+
+        if args.jobs < 1:
+            raise GraderError("--jobs must be at least 1")
+        records = autograde(ws, chapter, args.submissions, jobs=args.jobs,
+                            cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
+                            quick=not args.full, force=args.force, id_pattern=args.id_pattern,
+                            progress=sys.stderr.isatty() or bool(os.environ.get("N2L_PROGRESS")))
+        counts: dict[str, int] = {}
+        for record in records.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        print(f"{chapter}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        for record in sorted(records.values(), key=lambda r: r.student):
+            if record.status != "graded" or record.message:
+                print(f"  {record.student}: {record.status}: {record.message}")
+        status = ws.load_status(chapter)
+        for rejected in status.rejected:
+            print(f"  skipped: {rejected.message}")
+        print(f"next: python -m grader report --chapter {chapter} --workspace {ws.path}")
+        bad = sum(1 for r in records.values() if r.status != "graded")
+        return 1 if bad or status.rejected else 0
+
+    from grader.report import collect_rows, write_report
+
+    out = write_report(ws, chapter, feedback=not args.no_feedback)
+    rows, _ = collect_rows(ws, chapter)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out / 'grades.csv'}, {out / 'summary.md'}, {out / 'pass_rates.png'}"
+          + ("" if args.no_feedback else f", {out / 'feedback'}/"))
+    return 0

@@ -1,0 +1,67 @@
+"""Where the course lives: the repository root, its chapters, and their names."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from grader import GraderError
+
+CHAPTER_NAME = re.compile(r"^ch\d\d_[a-z0-9_]+$")
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The course repository root: the nearest folder above ``start`` (default: this package)
+    that holds both ``solutions/`` and ``pyproject.toml``."""
+    candidates = []
+    if start is not None:
+        candidates.append(Path(start).resolve())
+    candidates.append(Path(__file__).resolve().parent)
+    for base in candidates:
+        for folder in (base, *base.parents):
+            if (folder / "solutions").is_dir() and (folder / "pyproject.toml").is_file():
+                return folder
+    raise GraderError(
+        "Cannot find the course repository (a folder with solutions/ and pyproject.toml). "
+        "Run the command inside the course folder or pass --root PATH."
+    )
+
+
+def list_chapters(root: Path) -> list[str]:
+    """Chapter names (``chNN_topic``) that have a source notebook in ``solutions/``."""
+    names = []
+    for folder in sorted((root / "solutions").iterdir()):
+        if folder.is_dir() and CHAPTER_NAME.match(folder.name):
+            if (folder / f"{folder.name}.ipynb").is_file():
+                names.append(folder.name)
+    return names
+
+
+def resolve_chapter(root: Path, name: str) -> str:
+    """Turn ``ch01``, ``1`` or ``ch01_neural_networks`` into the full chapter name."""
+    chapters = list_chapters(root)
+    if name in chapters:
+        return name
+    key = name.strip().lower()
+    if key.isdigit():
+        key = f"ch{int(key):02d}"
+    matches = [c for c in chapters if c.startswith(key + "_") or c == key]
+    if len(matches) == 1:
+        return matches[0]
+    raise GraderError(
+        f"Unknown chapter {name!r}. Chapters with a source notebook: {', '.join(chapters) or 'none'}."
+    )
+
+
+def ensure_scripts_on_path() -> None:
+    """Put this Python's scripts folder first on PATH.
+
+    nbgrader runs the ``alembic`` command (and Jupyter finds kernels) through PATH, so a
+    virtualenv used without activating it (``.venv/bin/python -m grader``) would otherwise fail.
+    """
+    scripts = str(Path(sys.executable).parent)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[:1] != [scripts]:
+        os.environ["PATH"] = os.pathsep.join([scripts, *[p for p in parts if p != scripts]])

@@ -1,0 +1,86 @@
+"""``release``: generate the student notebooks in ``chapters/`` from the sources in ``solutions/``.
+
+nbgrader's ``generate_assignment`` strips solutions and hidden tests, locks test cells and records
+checksums. We run it in a throw-away course directory so the repository never holds a gradebook,
+then copy the result into ``chapters/`` (or, with ``--check``, compare it byte for byte).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from traitlets.config import Config
+
+from grader import GraderError
+
+
+def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
+    from nbgrader.apps import NbGraderAPI
+
+    from grader.course import ensure_scripts_on_path
+
+    ensure_scripts_on_path()
+
+    with tempfile.TemporaryDirectory(prefix="n2l-release-") as tmp:
+        config = Config()
+        config.CourseDirectory.root = tmp
+        config.CourseDirectory.course_id = "neurons-to-llms"
+        config.CourseDirectory.source_directory = str(root / "solutions")
+        config.CourseDirectory.release_directory = str(out_dir)
+        config.CourseDirectory.db_url = f"sqlite:///{Path(tmp) / 'gradebook.db'}"
+        config.NbGraderAPI.log_level = logging.WARNING
+        api = NbGraderAPI(config=config)
+        for chapter in chapters:
+            result = api.generate_assignment(chapter, force=True, create=True)
+            if not result.get("success"):
+                detail = (result.get("error") or result.get("log") or "").strip()
+                raise GraderError(f"nbgrader could not generate the release of {chapter}:\n{detail}")
+
+
+def _tree(folder: Path) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()
+            and ".ipynb_checkpoints" not in p.parts and "__pycache__" not in p.parts}
+
+
+def release(root: Path, chapters: list[str]) -> list[str]:
+    """Regenerate ``chapters/<name>/`` for each chapter; returns the files written."""
+    written = []
+    with tempfile.TemporaryDirectory(prefix="n2l-out-") as out:
+        out_dir = Path(out)
+        _generate(root, chapters, out_dir)
+        for chapter in chapters:
+            target = root / "chapters" / chapter
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(out_dir / chapter, target)
+            written += [f"chapters/{chapter}/{name}" for name in _tree(target)]
+    return written
+
+
+def check(root: Path, chapters: list[str]) -> list[str]:
+    """Differences between ``chapters/`` and a fresh generation; empty when in sync."""
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="n2l-check-") as out:
+        out_dir = Path(out)
+        _generate(root, chapters, out_dir)
+        for chapter in chapters:
+            fresh, committed = _tree(out_dir / chapter), _tree(root / "chapters" / chapter)
+            for name in sorted(set(fresh) - set(committed)):
+                problems.append(f"chapters/{chapter}/{name}: missing (run `python -m grader release`)")
+            for name in sorted(set(committed) - set(fresh)):
+                problems.append(f"chapters/{chapter}/{name}: not generated from solutions/ (remove it)")
+            for name in sorted(set(fresh) & set(committed)):
+                if not filecmp.cmp(fresh[name], committed[name], shallow=False):
+                    problems.append(f"chapters/{chapter}/{name}: differs from a fresh generation of "
+                                    f"solutions/{chapter} (run `python -m grader release`)")
+        released = root / "chapters"
+        if released.is_dir():
+            for folder in sorted(released.iterdir()):
+                if (folder.is_dir() and folder.name.startswith("ch")
+                        and not (root / "solutions" / folder.name).is_dir()):
+                    problems.append(f"chapters/{folder.name}: has no source in solutions/")
+    return problems

@@ -1,0 +1,155 @@
+"""``report``: grades CSV, feedback HTML per student, and pass rates per exercise.
+
+The CSV never shows a silent 0: a submission that could not be graded (unreadable, timed out,
+crashed) has an empty score and its status and message say why; a cell that needs a manual grade
+is left empty and named in the message.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grader import GraderError
+from grader.workspace import Workspace
+
+
+@dataclass
+class Row:
+    student: str
+    status: str
+    message: str
+    cells: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float | None:
+        if self.status != "graded" or any(v is None for v in self.cells.values()):
+            return None
+        return sum(self.cells.values())
+
+
+def test_cells(ws: Workspace, chapter: str) -> list[tuple[str, float]]:
+    """``(grade_id, points)`` of each autograded test cell, in notebook order."""
+    path = ws.path / "source" / chapter / f"{chapter}.ipynb"
+    if not path.exists():
+        raise GraderError(f"The workspace {ws.path} has not graded {chapter} yet: run autograde first.")
+    cells = json.loads(path.read_text())["cells"]
+    out = []
+    for cell in cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if meta.get("grade"):
+            out.append((meta["grade_id"], float(meta.get("points", 0))))
+    return out
+
+
+def collect_rows(ws: Workspace, chapter: str) -> tuple[list[Row], list[tuple[str, float]]]:
+    from nbgrader.api import Gradebook, MissingEntry
+
+    cells = test_cells(ws, chapter)
+    status = ws.load_status(chapter)
+    rows = []
+    with Gradebook(ws.db_url) as gb:
+        for student, record in sorted(status.records.items()):
+            row = Row(student, record.status, record.message)
+            if record.status == "graded":
+                try:
+                    nb = gb.find_submission_notebook(chapter, chapter, student)
+                except MissingEntry:
+                    row.status, row.message = "error", "graded but missing from the gradebook; grade again"
+                    rows.append(row)
+                    continue
+                grades = {g.name: g for g in nb.grades}
+                manual = []
+                for name, _points in cells:
+                    grade = grades.get(name)
+                    if grade is None or (grade.needs_manual_grade and grade.manual_score is None):
+                        row.cells[name] = None
+                        manual.append(name)
+                    else:
+                        row.cells[name] = float(grade.score)
+                if manual:
+                    row.status = "needs manual grade"
+                    row.message = "; ".join(filter(None, [row.message, "not graded: " + ", ".join(manual)]))
+            rows.append(row)
+    return rows, cells
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def write_report(ws: Workspace, chapter: str, feedback: bool = True) -> Path:
+    """Write ``reports/<chapter>/``; returns that folder."""
+    rows, cells = collect_rows(ws, chapter)
+    out = ws.reports(chapter)
+    out.mkdir(parents=True, exist_ok=True)
+    max_score = sum(p for _, p in cells)
+
+    with open(out / "grades.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["student", "status", "score", "max_score", *[n for n, _ in cells], "message"])
+        for row in rows:
+            writer.writerow([row.student, row.status, _fmt(row.score), _fmt(max_score),
+                             *[_fmt(row.cells.get(n)) for n, _ in cells], row.message])
+
+    graded = [r for r in rows if r.status == "graded"]
+    rates = {name: (sum(1 for r in graded if r.cells.get(name) == points) / len(graded)
+                    if graded else None) for name, points in cells}
+    lines = [f"# {chapter}: {len(rows)} submissions, {len(graded)} graded", ""]
+    scores = [r.score for r in graded]
+    if scores:
+        mean = sum(scores) / len(scores)
+        lines += [f"Mean score {mean:.2f} / {max_score:g}; full marks: "
+                  f"{sum(1 for s in scores if s == max_score)}", ""]
+    lines += ["| test cell | points | passed (full points) |", "|---|---:|---:|"]
+    for name, points in cells:
+        rate = rates[name]
+        lines.append(f"| {name} | {points:g} | {'-' if rate is None else f'{100 * rate:.0f}%'} |")
+    problems = [r for r in rows if r.status != "graded"]
+    if problems:
+        lines += ["", "## Not graded automatically", ""]
+        lines += [f"- {r.student}: {r.status} — {r.message}" for r in problems]
+    status = ws.load_status(chapter)
+    if status.rejected:
+        lines += ["", "## Entries skipped in the submissions", ""]
+        lines += [f"- {r.message}" for r in status.rejected]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot(rates, chapter, out / "pass_rates.png")
+
+    if feedback and graded:
+        _feedback(ws, chapter, [r.student for r in graded], out / "feedback")
+    return out
+
+
+def _plot(rates: dict[str, float | None], chapter: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rates)
+    values = [100 * (rates[n] or 0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), values, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of graded submissions\nwith full points")
+    ax.set_title(f"{chapter}: pass rate per test cell")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _feedback(ws: Workspace, chapter: str, students: list[str], dest: Path) -> None:
+    result = ws.nbgrader("generate_feedback", chapter, "--force")
+    if result.returncode != 0:
+        raise GraderError("nbgrader could not generate feedback:\n"
+                          + (result.stderr or result.stdout)[-3000:])
+    dest.mkdir(parents=True, exist_ok=True)
+    for student in students:
+        html = ws.feedback_html(student, chapter)
+        if html.exists():
+            shutil.copyfile(html, dest / f"{student}.html")

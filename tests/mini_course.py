@@ -1,0 +1,97 @@
+"""A tiny synthetic course (one chapter, three exercises) for fast tests of the grader itself.
+
+The real chapters are graded in ``test_roundtrip.py``; this one exists so that bad inputs,
+timeouts and the report can be tested in seconds. ``make_course(tmp)`` writes a folder that
+looks like the repository (``pyproject.toml`` + ``solutions/ch99_mini/ch99_mini.ipynb``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+CHAPTER = "ch99_mini"
+
+
+def _answer(grade_id: str, source: str) -> nbformat.NotebookNode:
+    cell = new_code_cell(source)
+    cell.metadata["nbgrader"] = {"solution": True, "grade": False, "locked": False,
+                                 "grade_id": grade_id, "schema_version": 3}
+    return cell
+
+
+def _test(grade_id: str, source: str, points: int) -> nbformat.NotebookNode:
+    cell = new_code_cell(source)
+    cell.metadata["nbgrader"] = {"solution": False, "grade": True, "locked": True,
+                                 "points": points, "grade_id": grade_id, "schema_version": 3}
+    return cell
+
+
+SOLUTIONS = {
+    "ex1_add": "def add(a, b):\n    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION\n",
+    "ex2_square": "def square(x):\n    ### BEGIN SOLUTION\n    return x * x\n    ### END SOLUTION\n",
+    "ex3_mean": "def mean(xs):\n    ### BEGIN SOLUTION\n    return sum(xs) / len(xs)\n    ### END SOLUTION\n",
+}
+
+TESTS = {
+    "ex1_add_tests": ("from course_lib.checks import check_equal\n"
+                      "check_equal(add(1, 2), 3, name='add(1, 2)')\n"
+                      "### BEGIN HIDDEN TESTS\n"
+                      "check_equal(add(-5, 5), 0, name='add(-5, 5)')  # SECRET-HIDDEN-TEST-ADD\n"
+                      "### END HIDDEN TESTS\n", 1),
+    # Prints a warning on stderr while passing: an honest student must not lose the point.
+    "ex2_square_tests": ("import sys\nprint('just a warning', file=sys.stderr)\n"
+                         "from course_lib.checks import check_equal\n"
+                         "check_equal(square(3), 9, name='square(3)')\n"
+                         "### BEGIN HIDDEN TESTS\n"
+                         "check_equal(square(-4), 16, name='square(-4)')\n"
+                         "### END HIDDEN TESTS\n", 2),
+    "ex3_mean_tests": ("from course_lib.checks import check_close\n"
+                       "check_close(mean([1, 2, 3]), 2.0, name='mean([1, 2, 3])')\n"
+                       "### BEGIN HIDDEN TESTS\n"
+                       "check_close(mean([0.5]), 0.5, name='mean([0.5])')\n"
+                       "### END HIDDEN TESTS\n", 3),
+}
+MAX_SCORE = sum(points for _, points in TESTS.values())
+
+
+def source_notebook() -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells.append(new_markdown_cell("# Chapter 99 — a mini chapter for grader tests"))
+    for (answer_id, answer), (test_id, (test, points)) in zip(SOLUTIONS.items(), TESTS.items(),
+                                                              strict=True):
+        nb.cells.append(_answer(answer_id, answer))
+        nb.cells.append(_test(test_id, test, points))
+    return nb
+
+
+def make_course(root: Path) -> Path:
+    """Write a mini repository at ``root`` and return it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'mini'\n")
+    folder = root / "solutions" / CHAPTER
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(source_notebook(), str(folder / f"{CHAPTER}.ipynb"))
+    return root
+
+
+def submission(release_nb: nbformat.NotebookNode, answers: dict[str, str]) -> nbformat.NotebookNode:
+    """A copy of the release notebook with the given answer cells' source replaced."""
+    nb = copy.deepcopy(release_nb)
+    for cell in nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = answers[grade_id]
+    return nb
+
+
+def solved(release_nb: nbformat.NotebookNode, **overrides: str) -> nbformat.NotebookNode:
+    """The release filled with the solutions (markers removed), except ``overrides``."""
+    answers = {k: "\n".join(line for line in v.splitlines() if "### " not in line)
+               for k, v in SOLUTIONS.items()}
+    answers.update(overrides)
+    return submission(release_nb, answers)

@@ -1,0 +1,176 @@
+"""The grader end to end on a tiny synthetic chapter: release, autograde, report, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tests.grading_helpers import read_grades, run_grader, tree_digest
+from tests.mini_course import CHAPTER, MAX_SCORE, make_course, solved
+
+pytestmark = pytest.mark.xdist_group("grader")
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory) -> Path:
+    root = make_course(tmp_path_factory.mktemp("course"))
+    result = run_grader("release", root=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def release_nb(course) -> nbformat.NotebookNode:
+    return nbformat.read(course / "chapters" / CHAPTER / f"{CHAPTER}.ipynb", as_version=4)
+
+
+@pytest.fixture(scope="module")
+def graded(course, release_nb, tmp_path_factory):
+    """One batch of honest, wrong and broken submissions, graded once for the tests below."""
+    subs = tmp_path_factory.mktemp("subs")
+    nbformat.write(solved(release_nb), str(subs / "alice_1234_ch99.ipynb"))  # Canvas-style name
+    nbformat.write(release_nb, str(subs / "bob.ipynb"))  # blank
+    (subs / "carol").mkdir()  # folder per student, renamed notebook
+    wrong_mean = "def mean(xs):\n    return sum(xs) / (len(xs) - 1)\n"
+    nbformat.write(solved(release_nb, ex3_mean=wrong_mean), str(subs / "carol" / "Untitled 3.ipynb"))
+    (subs / "dave.ipynb").write_text('{"cells": [')  # corrupt JSON
+    (subs / "erin.ipynb").write_text("")  # empty file
+    (subs / "frank.ipynb").write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5}))  # no cells
+    # An older nbformat (3) with a correct answer in every cell.
+    (subs / "gina.ipynb").write_text(nbformat.writes(nbformat.convert(solved(release_nb), 3)))
+    before = tree_digest(subs)
+    workspace = tmp_path_factory.mktemp("ws") / "grading"
+    result = run_grader("autograde", subs, "--chapter", "ch99", "--workspace", workspace,
+                        "--jobs", "2", root=course)
+    report = run_grader("report", "--chapter", "ch99", "--workspace", workspace, root=course)
+    return {"subs": subs, "before": before, "workspace": workspace, "autograde": result,
+            "report": report}
+
+
+def test_release_check_detects_drift(course, release_nb):
+    assert run_grader("release", "--check", root=course).returncode == 0
+    path = course / "chapters" / CHAPTER / f"{CHAPTER}.ipynb"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original.replace(b"a mini chapter", b"an edited chapter"))
+        result = run_grader("release", "--check", root=course)
+        assert result.returncode == 1
+        assert "differs from a fresh generation" in result.stdout
+    finally:
+        path.write_bytes(original)
+
+
+def test_release_strips_solutions_and_hidden_tests(release_nb):
+    text = json.dumps(release_nb)
+    assert "BEGIN SOLUTION" not in text and "SECRET-HIDDEN-TEST-ADD" not in text
+    assert "raise NotImplementedError()" in text
+
+
+def test_scores(graded):
+    grades = read_grades(graded["workspace"], CHAPTER)
+    assert grades["alice"]["score"] == str(MAX_SCORE)  # stderr output in a test cell costs nothing
+    assert grades["bob"]["score"] == "0"
+    assert grades["carol"]["score"] == str(MAX_SCORE - 3)
+    assert grades["carol"]["ex3_mean_tests"] == "0" and grades["carol"]["ex1_add_tests"] == "1"
+    assert grades["gina"]["score"] == str(MAX_SCORE)  # an nbformat 3 submission is graded too
+
+
+def test_bad_notebooks_are_errors_not_zeros(graded):
+    grades = read_grades(graded["workspace"], CHAPTER)
+    for student, words in {"dave": "not a readable Jupyter notebook",
+                           "erin": "empty", "frank": "not a readable Jupyter notebook"}.items():
+        row = grades[student]
+        assert row["status"] == "error", row
+        assert row["score"] == "", "an ungradable submission must not show a score"
+        assert words in row["message"]
+    assert graded["autograde"].returncode == 1  # something needs the instructor's attention
+    assert "dave: error" in graded["autograde"].stdout
+
+
+def test_submissions_never_modified(graded):
+    assert tree_digest(graded["subs"]) == graded["before"]
+
+
+def test_report_outputs(graded):
+    assert graded["report"].returncode == 0, graded["report"].stderr
+    out = graded["workspace"] / "reports" / CHAPTER
+    summary = (out / "summary.md").read_text()
+    assert "| ex3_mean_tests | 3 |" in summary
+    assert (out / "pass_rates.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "feedback" / "alice.html").read_text()
+    assert "SECRET-HIDDEN-TEST-ADD" not in html, "feedback must not reveal hidden tests"
+    assert "add(1, 2)" in html  # visible tests stay
+
+
+def test_regrading_skips_unchanged(graded, course):
+    result = run_grader("autograde", graded["subs"], "--chapter", CHAPTER, "--workspace",
+                        graded["workspace"], root=course)
+    log = graded["workspace"] / "logs" / CHAPTER / "alice.log"
+    mtime = log.stat().st_mtime_ns
+    assert "4 graded" in result.stdout or "graded" in result.stdout
+    assert log.stat().st_mtime_ns == mtime
+
+
+def test_zip_with_unsafe_entries(course, release_nb, tmp_path):
+    archive = tmp_path / "export.zip"
+    good = nbformat.writes(solved(release_nb))
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("hana/ch99_mini.ipynb", good)
+        zf.writestr("../evil_ch99.ipynb", good)
+        zf.writestr("/abs/path.ipynb", good)
+        zf.writestr("__MACOSX/hana/._ch99_mini.ipynb", "junk")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    workspace = tmp_path / "ws"
+    result = run_grader("autograde", archive, "--chapter", CHAPTER, "--workspace", workspace,
+                        root=course)
+    assert "unsafe path" in result.stdout
+    assert not (tmp_path / "evil_ch99.ipynb").exists()
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == digest
+    assert run_grader("report", "--chapter", CHAPTER, "--workspace", workspace, "--no-feedback",
+                      root=course).returncode == 0
+    assert read_grades(workspace, CHAPTER)["hana"]["score"] == str(MAX_SCORE)
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda p: p.with_suffix(".zip").write_bytes(b"PK\x03\x04 not really a zip"), "corrupt"),
+    (lambda p: None, "does not exist"),
+])
+def test_bad_submission_paths(course, tmp_path, make_bad, message):
+    target = tmp_path / "subs"
+    make_bad(target)
+    path = target.with_suffix(".zip") if target.with_suffix(".zip").exists() else target
+    result = run_grader("autograde", path, "--chapter", CHAPTER, "--workspace", tmp_path / "ws",
+                        root=course)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_workspace_inside_repository_refused(course, tmp_path):
+    result = run_grader("autograde", tmp_path, "--chapter", CHAPTER, "--workspace",
+                        course / "grading", root=course)
+    assert result.returncode == 2 and "outside" in result.stderr
+
+
+def test_unknown_chapter(course, tmp_path):
+    result = run_grader("autograde", tmp_path, "--chapter", "ch42", "--workspace", tmp_path / "w",
+                        root=course)
+    assert result.returncode == 2 and "Unknown chapter" in result.stderr
+
+
+def test_notebook_timeout(course, release_nb, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    hang = "import time\ntime.sleep(600)\ndef add(a, b):\n    return a + b\n"
+    nbformat.write(solved(release_nb, ex1_add=hang), str(subs / "ivan.ipynb"))
+    workspace = tmp_path / "ws"
+    result = run_grader("autograde", subs, "--chapter", CHAPTER, "--workspace", workspace,
+                        "--notebook-timeout", "25", root=course)
+    assert "ivan: timeout" in result.stdout
+    run_grader("report", "--chapter", CHAPTER, "--workspace", workspace, "--no-feedback", root=course)
+    row = read_grades(workspace, CHAPTER)["ivan"]
+    assert row["status"] == "timeout" and row["score"] == ""
