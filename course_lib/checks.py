@@ -51,8 +51,9 @@ def check_type(actual: Any, expected_type: type | tuple[type, ...], name: str = 
     if not isinstance(actual, expected_type):
         want = (expected_type.__name__ if isinstance(expected_type, type)
                 else " or ".join(t.__name__ for t in expected_type))
+        article = "an" if want[:1].lower() in "aeiou" else "a"
         hint = "did you forget a `return`?" if actual is None else None
-        _fail(name, f"expected a {want}, got {type(actual).__name__}", hint)
+        _fail(name, f"expected {article} {want}, got {type(actual).__name__}", hint)
 
 
 def check_shape(actual: Any, expected_shape: Sequence[int], name: str = "result") -> None:
@@ -114,7 +115,8 @@ def check_close(actual: Any, expected: Any, *, atol: float = 1e-6, rtol: float =
     diff = torch.where(expected_finite, (a64 - e64).abs(), torch.zeros_like(e64))
     limit = atol + rtol * e64.abs()
     over = diff > torch.where(expected_finite, limit, torch.full_like(limit, math.inf))
-    nonfinite_mismatch = ~expected_finite & (a64 != e64)
+    # inf must match inf of the same sign, and NaN matches NaN (NaN != NaN, hence the second term).
+    nonfinite_mismatch = ~expected_finite & (a64 != e64) & ~(a64.isnan() & e64.isnan())
     bad = over | nonfinite_mismatch
     if bad.any():
         excess = torch.where(bad, diff - limit, torch.full_like(diff, -math.inf))
@@ -144,6 +146,9 @@ def check_equal(actual: Any, expected: Any, name: str = "result") -> None:
     if isinstance(actual, torch.Tensor | np.ndarray | np.generic):
         actual = actual.item() if getattr(actual, "size", 2) == 1 or getattr(
             actual, "numel", lambda: 2)() == 1 else actual
+    if isinstance(actual, torch.Tensor | np.ndarray) and isinstance(expected, int | float):
+        _fail(name, f"expected the single number {expected!r}, got an array of shape "
+              f"{tuple(actual.shape)}", "reduce it to one value (e.g. .sum() or .item()).")
     if isinstance(expected, int) and not isinstance(expected, bool):
         if isinstance(actual, float) and actual.is_integer():
             actual = int(actual)
@@ -166,6 +171,9 @@ def check_true(condition: bool, message: str, hint: str | None = None, name: str
 # ---------------------------------------------------------------------------------------------
 # Forbidding the answer key while a student's function runs
 # ---------------------------------------------------------------------------------------------
+
+
+_ABSENT = object()
 
 
 def _resolve(target: str) -> tuple[Any, str]:
@@ -194,6 +202,10 @@ def forbidden(*targets: str, namespace: dict[str, Any] | None = None,
     notebook already bound to those objects (pass ``namespace=globals()``) are blocked as well.
     Everything is restored on exit, even after an exception.
     """
+    # (owner, attribute, what to put back); _ABSENT: the attribute was inherited (e.g. a method
+    # of torch.Tensor defined on its C base class) or computed, so it is deleted again on exit.
+    # For classes the raw class-dict entry is what is restored, so that a staticmethod or
+    # classmethod comes back as itself rather than as the plain function getattr returns.
     patched: list[tuple[Any, str, Any]] = []
     originals = []
     try:
@@ -201,12 +213,14 @@ def forbidden(*targets: str, namespace: dict[str, Any] | None = None,
             owner, attr = _resolve(target)
             original = getattr(owner, attr)
             originals.append(original)
+            own = getattr(owner, "__dict__", None)
+            saved = own.get(attr, _ABSENT) if own is not None else original
 
             def blocked(*args: Any, _name: str = target, **kwargs: Any) -> Any:
                 raise ForbiddenCall(f"{_name} may not be used here: {reason}.")
 
             setattr(owner, attr, blocked)
-            patched.append((owner, attr, original))
+            patched.append((owner, attr, saved))
         if namespace is not None:
             for key, value in list(namespace.items()):
                 if any(value is original for original in originals):
@@ -222,5 +236,7 @@ def forbidden(*targets: str, namespace: dict[str, Any] | None = None,
         for owner, attr, original in reversed(patched):
             if isinstance(owner, dict):
                 owner[attr] = original
+            elif original is _ABSENT:
+                delattr(owner, attr)
             else:
                 setattr(owner, attr, original)

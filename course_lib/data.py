@@ -98,9 +98,9 @@ def make_2d(name: str = "moons", n: int = 500, noise: float = 0.2, seed: int = 0
                                    random_state=seed)
     elif name == "spirals":
         classes = 3
-        per = n // classes
         xs, ys = [], []
         for k in range(classes):
+            per = n // classes + (k < n % classes)  # exactly n points, even when 3 does not divide n
             r = np.linspace(0.05, 1.0, per)
             theta = np.linspace(k * 4.0, (k + 1) * 4.0, per) + rng.normal(0, noise, per)
             xs.append(np.stack([r * np.sin(theta), r * np.cos(theta)], axis=1))
@@ -197,22 +197,51 @@ def shakespeare_raw(name: str) -> str:
     return raw.replace("\r\n", "\n").replace("\r", "\n")
 
 
-_STAGE_DIRECTION = re.compile(r"\[[^\]]*\]")
+# A stage direction is a bracketed passage holding no other bracket, e.g. ``[Exit Ghost.]`` (a
+# few Gutenberg ones open or close with a ``{``/``}`` typo). Brackets of lowercase letters glued
+# to a word are the Folio editors' expansions (``M[aster]``, ``S[aint]``, ``fro[m]``) and are
+# kept. Nested brackets are removed innermost first. An opening bracket that never closes before
+# the next one only takes the rest of its own line, so it cannot swallow the dialogue that follows.
+_EDITORIAL = r"(?<=\w)\[[a-z]+\]|\[[a-z]+\](?=\w)"
+_STAGE_DIRECTION = re.compile(rf"(?!{_EDITORIAL})[\[{{][^\[\]{{}}]*[\]}}]")
+_UNCLOSED_DIRECTION = re.compile(r"[\[{][^\[\]{}\n]*(?=\n|\Z)")
+_DIRECTION_MARK = "\x00"
+_LEADING_MARKS = re.compile(r"^([ \t]*)(?:\x00[ \t]*)+")
+_INNER_MARK = re.compile(r"[ \t]*\x00")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
+
+
+def _drop_stage_directions(text: str) -> str:
+    """Remove stage directions; a line that held nothing else goes entirely (no blank left)."""
+    text = text.replace(_DIRECTION_MARK, "")
+    count = 1
+    while count:  # innermost first: "[Enter two [BRITISH] CAPTAINS.]" takes two passes
+        text, count = _STAGE_DIRECTION.subn(_DIRECTION_MARK, text)
+    text = _UNCLOSED_DIRECTION.sub(_DIRECTION_MARK, text)
+    lines = []
+    for line in text.split("\n"):
+        if _DIRECTION_MARK in line:
+            if not line.replace(_DIRECTION_MARK, "").strip():
+                continue
+            line = _INNER_MARK.sub("", _LEADING_MARKS.sub(r"\1", line))
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def clean_text(raw: str, drop_stage_directions: bool = True) -> str:
     """Normalise one text for language modelling.
 
     - line endings to ``\\n``, tabs to spaces, trailing spaces removed;
-    - bracketed stage directions (``[Exit Ghost.]``) removed when ``drop_stage_directions``;
+    - bracketed stage directions (``[Exit Ghost.]``) removed when ``drop_stage_directions``, with
+      the line they stood on when nothing else was on it; editorial brackets inside a word
+      (``M[aster]``) are kept;
     - runs of blank lines collapsed to one blank line; leading/trailing blank lines stripped.
     Characters are kept as they are (including the Folio's spelling): cleaning is not modernising.
     """
     text = raw.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
     if drop_stage_directions:
-        text = _STAGE_DIRECTION.sub("", text)
+        text = _drop_stage_directions(text)
     text = _TRAILING_SPACE.sub("\n", text)
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     text = _BLANK_RUNS.sub("\n\n", text)

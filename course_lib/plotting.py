@@ -66,6 +66,8 @@ def plot_decision_boundary(predict: Callable[[torch.Tensor], torch.Tensor], x: t
 
     ``predict`` maps a float tensor of shape ``(m, 2)`` to logits ``(m, classes)`` or class ids
     ``(m,)``; it is called once, under ``torch.no_grad()``, on the CPU tensor of grid points.
+    A single column ``(m, 1)`` is read like ``(m,)`` (rounded: class ids, or the probability of
+    class 1), never arg-maxed, which would call every point class 0.
     """
     x = x.detach().cpu().float()
     y = y.detach().cpu()
@@ -79,7 +81,12 @@ def plot_decision_boundary(predict: Callable[[torch.Tensor], torch.Tensor], x: t
     with torch.no_grad():
         out = predict(grid)
     out = out.detach().cpu()
-    classes = out.argmax(dim=-1) if out.ndim == 2 else out.round().long()
+    if out.ndim == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.ndim == 2:
+        classes = out.argmax(dim=-1)
+    else:  # class ids (any integer or bool dtype) or rounded scores
+        classes = out.round().long() if out.is_floating_point() else out.long()
     ax = _axes(ax, (5, 5))
     n_classes = int(max(classes.max().item(), y.max().item())) + 1
     cmap = plt.get_cmap("coolwarm" if n_classes == 2 else "viridis", n_classes)
@@ -113,6 +120,8 @@ def show_images(images: torch.Tensor | np.ndarray, labels: Sequence | None = Non
     elif arr.ndim != 3:
         raise ValueError(f"cannot show images of shape {arr.shape}")
     n = len(arr)
+    if n == 0:
+        raise ValueError("no images to show")
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows * 1.15), squeeze=False)

@@ -48,6 +48,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = T
     """Yield ``(x, y)`` mini-batches; the last one may be smaller."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     for start in range(0, len(x), batch_size):
         index = order[start:start + batch_size]
@@ -63,9 +65,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callab
     was_training = model.training
     model.eval()
     outputs = []
-    for xb, _ in batches(x, y, batch_size, shuffle=False):
-        outputs.append(model(xb.to(device)))
-    model.train(was_training)
+    try:
+        for xb, _ in batches(x, y, batch_size, shuffle=False):
+            outputs.append(model(xb.to(device)))
+    finally:
+        model.train(was_training)
     logits = torch.cat(outputs)
     targets = y.to(device)
     result = {"loss": float(loss_fn(logits, targets))}
@@ -88,6 +92,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *,
     """
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else get_device()
     model.to(device)
     x, y = train
@@ -111,9 +117,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *,
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
         history.log(train_loss=total / max(count, 1))
-        for name, value in evaluate(model, x, y, loss_fn, metrics, device=device).items():
-            if name != "loss":
-                history.log(**{f"train_{name}": value})
+        if metrics:  # a full pass over the training set only when there are metrics to log
+            for name, value in evaluate(model, x, y, loss_fn, metrics, device=device).items():
+                if name != "loss":
+                    history.log(**{f"train_{name}": value})
         if val is not None:
             for name, value in evaluate(model, *val, loss_fn, metrics, device=device).items():
                 history.log(**{f"val_{name}": value})

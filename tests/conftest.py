@@ -1,0 +1,5 @@
+"""Shared test setup: draw with matplotlib's non-interactive backend (no display on CI)."""
+
+import os
+
+os.environ["MPLBACKEND"] = "Agg"
