@@ -34,9 +34,11 @@ lab: setup
 	cd chapters && ../$(BIN)/jupyter lab ch00_big_picture/ch00_big_picture.ipynb
 
 # Quick mode (COURSE_QUICK=1) shrinks every training run; xdist spreads tests over the cores.
+# tests/ holds the unit, grader and round-trip tests; --nbmake also runs every solution notebook.
 test: setup
 	$(BIN)/ruff check .
-	COURSE_QUICK=1 $(BIN)/python -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
+	COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n auto --dist loadgroup \
+		--nbmake --nbmake-timeout=600 tests solutions $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -65,7 +65,8 @@ def grade_one(ws: Workspace, chapter: str, student: str, notebook_timeout: float
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nbgrader", "autograde", chapter, "--student", student, "--force"],
+            [sys.executable, "-m", "grader.nbgrader_main", "autograde", chapter,
+             "--student", student, "--force"],
             cwd=ws.path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **env},
         )
@@ -95,10 +96,11 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
               force: bool = False, id_pattern: str = ingest.DEFAULT_ID_PATTERN,
               progress: bool = True) -> dict[str, Record]:
     """Grade every submission in ``submissions_path``; returns the status of each student."""
-    ws.prepare(chapter, cell_timeout=cell_timeout)
-    status = ws.load_status(chapter)
+    # Read the submissions first: a wrong path or a corrupt archive fails before any setup.
     with ingest.opened(submissions_path) as folder:
         submissions, rejected = ingest.collect(folder, chapter, id_pattern)
+    ws.prepare(chapter, cell_timeout=cell_timeout)
+    status = ws.load_status(chapter)
     status.rejected = [Record(student="", status="rejected", message=m) for m in rejected]
 
     todo = []

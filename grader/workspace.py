@@ -114,7 +114,7 @@ class Workspace:
     def nbgrader(self, *args: str, timeout: float | None = None, log: Path | None = None,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run ``python -m nbgrader ARGS`` in the workspace (so it reads our config)."""
-        return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=self.path,
+        return subprocess.run([sys.executable, "-m", "grader.nbgrader_main", *args], cwd=self.path,
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
 
