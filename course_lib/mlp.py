@@ -44,9 +44,10 @@ def softmax_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     shifted = logits - logits.max(dim=1, keepdim=True).values
     log_probs = shifted - torch.log(torch.exp(shifted).sum(dim=1, keepdim=True))
     n = logits.shape[0]
-    loss = -log_probs[torch.arange(n), y].mean()
-    dlogits = torch.exp(log_probs)
-    dlogits[torch.arange(n), y] -= 1
+    rows = torch.arange(n, device=logits.device)
+    loss = -log_probs[rows, y].mean()
+    dlogits = torch.exp(log_probs.detach())
+    dlogits[rows, y] -= 1
     return loss, dlogits / n
 
 

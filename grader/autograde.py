@@ -94,8 +94,12 @@ def grade_one(ws: Workspace, chapter: str, student: str, notebook_timeout: float
 def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int = 1,
               cell_timeout: int = 600, notebook_timeout: float = 3600, quick: bool = True,
               force: bool = False, id_pattern: str = ingest.DEFAULT_ID_PATTERN,
-              progress: bool = True) -> dict[str, Record]:
-    """Grade every submission in ``submissions_path``; returns the status of each student."""
+              progress: bool = True) -> tuple[dict[str, Record], list[str]]:
+    """Grade every submission in ``submissions_path``.
+
+    Returns the status of each student and the students graded in this run (the others were
+    unchanged since they were graded, or could not be read).
+    """
     # Read the submissions first: a wrong path or a corrupt archive fails before any setup.
     with ingest.opened(submissions_path) as folder:
         submissions, rejected = ingest.collect(folder, chapter, id_pattern)
@@ -136,4 +140,4 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
             ws.save_status(status)  # after every student, so an interrupted batch resumes
             bar.update(1)
     bar.close()
-    return status.records
+    return status.records, todo

@@ -96,14 +96,15 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.jobs < 1:
             raise GraderError("--jobs must be at least 1")
-        records = autograde(ws, chapter, args.submissions, jobs=args.jobs,
+        records, graded_now = autograde(ws, chapter, args.submissions, jobs=args.jobs,
                             cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
                             quick=not args.full, force=args.force, id_pattern=args.id_pattern,
                             progress=sys.stderr.isatty() or bool(os.environ.get("N2L_PROGRESS")))
         counts: dict[str, int] = {}
         for record in records.values():
             counts[record.status] = counts.get(record.status, 0) + 1
-        print(f"{chapter}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        print(f"{chapter}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+              + f" ({len(graded_now)} graded in this run; unchanged submissions are not graded again)")
         for record in sorted(records.values(), key=lambda r: r.student):
             if record.status != "graded" or record.message:
                 print(f"  {record.student}: {record.status}: {record.message}")

@@ -19,11 +19,10 @@ from grader import GraderError
 
 
 def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
+    from grader.nbgrader_main import speed_up_nbgrader
+
+    speed_up_nbgrader()
     from nbgrader.apps import NbGraderAPI
-
-    from grader.course import ensure_scripts_on_path
-
-    ensure_scripts_on_path()
 
     with tempfile.TemporaryDirectory(prefix="n2l-release-") as tmp:
         config = Config()

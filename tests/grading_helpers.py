@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +34,28 @@ def tree_digest(folder: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file below ``folder``: to prove nothing was modified."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def once_per_session(tmp_path_factory, key: str, make: Callable[[Path], dict]) -> dict:
+    """Run ``make(folder)`` once per test session, even across pytest-xdist workers.
+
+    The first worker to get here computes the result under a file lock, in a folder all workers
+    share, and stores it as JSON; the others wait for the lock and read it. (``--dist loadgroup``
+    would be the tool for this, but it does not group tests with this pytest version.)
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / f"once-{key}"
+    folder.mkdir(exist_ok=True)
+    with open(shared / f"once-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = folder / "result.json"
+        if not done.exists():
+            done.write_text(json.dumps(make(folder)))
+        return json.loads(done.read_text())
+
+
+def completed(result: subprocess.CompletedProcess) -> dict:
+    """A CompletedProcess as plain JSON data."""
+    return {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}

@@ -4,35 +4,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from tests.grading_helpers import read_grades, run_grader, tree_digest
+from tests.grading_helpers import completed, once_per_session, read_grades, run_grader, tree_digest
 from tests.mini_course import CHAPTER, MAX_SCORE, make_course, solved
 
-pytestmark = pytest.mark.xdist_group("grader")
 
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def course(tmp_path_factory) -> Path:
-    root = make_course(tmp_path_factory.mktemp("course"))
-    result = run_grader("release", root=root)
-    assert result.returncode == 0, result.stderr
-    return root
+    def make(folder: Path) -> dict:
+        root = make_course(folder / "course")
+        result = run_grader("release", root=root)
+        assert result.returncode == 0, result.stderr
+        return {"root": str(root)}
+
+    return Path(once_per_session(tmp_path_factory, "mini-course", make)["root"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def release_nb(course) -> nbformat.NotebookNode:
     return nbformat.read(course / "chapters" / CHAPTER / f"{CHAPTER}.ipynb", as_version=4)
 
 
-@pytest.fixture(scope="module")
-def graded(course, release_nb, tmp_path_factory):
+@pytest.fixture
+def graded(course, release_nb, tmp_path_factory) -> dict:
     """One batch of honest, wrong and broken submissions, graded once for the tests below."""
-    subs = tmp_path_factory.mktemp("subs")
+    data = once_per_session(tmp_path_factory, "mini-batch",
+                            lambda folder: _grade_batch(course, release_nb, folder))
+    return {**data, "subs": Path(data["subs"]), "workspace": Path(data["workspace"]),
+            "before": {k: tuple(v) for k, v in data["before"].items()}}
+
+
+def _grade_batch(course: Path, release_nb: nbformat.NotebookNode, folder: Path) -> dict:
+    subs = folder / "subs"
+    subs.mkdir()
     nbformat.write(solved(release_nb), str(subs / "alice_1234_ch99.ipynb"))  # Canvas-style name
     nbformat.write(release_nb, str(subs / "bob.ipynb"))  # blank
     (subs / "carol").mkdir()  # folder per student, renamed notebook
@@ -44,25 +54,25 @@ def graded(course, release_nb, tmp_path_factory):
     # An older nbformat (3) with a correct answer in every cell.
     (subs / "gina.ipynb").write_text(nbformat.writes(nbformat.convert(solved(release_nb), 3)))
     before = tree_digest(subs)
-    workspace = tmp_path_factory.mktemp("ws") / "grading"
+    workspace = folder / "grading"
     result = run_grader("autograde", subs, "--chapter", "ch99", "--workspace", workspace,
                         "--jobs", "2", root=course)
     report = run_grader("report", "--chapter", "ch99", "--workspace", workspace, root=course)
-    return {"subs": subs, "before": before, "workspace": workspace, "autograde": result,
-            "report": report}
+    return {"subs": str(subs), "before": before, "workspace": str(workspace),
+            "autograde": completed(result), "report": completed(report)}
 
 
-def test_release_check_detects_drift(course, release_nb):
-    assert run_grader("release", "--check", root=course).returncode == 0
-    path = course / "chapters" / CHAPTER / f"{CHAPTER}.ipynb"
-    original = path.read_bytes()
-    try:
-        path.write_bytes(original.replace(b"a mini chapter", b"an edited chapter"))
-        result = run_grader("release", "--check", root=course)
-        assert result.returncode == 1
-        assert "differs from a fresh generation" in result.stdout
-    finally:
-        path.write_bytes(original)
+def test_release_check_detects_drift(course, tmp_path):
+    copy = tmp_path / "course"
+    shutil.copytree(course, copy)
+    assert run_grader("release", "--check", root=copy).returncode == 0
+    path = copy / "chapters" / CHAPTER / f"{CHAPTER}.ipynb"
+    path.write_bytes(path.read_bytes().replace(b"a mini chapter", b"an edited chapter"))
+    result = run_grader("release", "--check", root=copy)
+    assert result.returncode == 1
+    assert "differs from a fresh generation" in result.stdout
+    (copy / "chapters" / "ch98_orphan").mkdir()
+    assert "has no source in solutions/" in run_grader("release", "--check", root=copy).stdout
 
 
 def test_release_strips_solutions_and_hidden_tests(release_nb):
@@ -88,8 +98,8 @@ def test_bad_notebooks_are_errors_not_zeros(graded):
         assert row["status"] == "error", row
         assert row["score"] == "", "an ungradable submission must not show a score"
         assert words in row["message"]
-    assert graded["autograde"].returncode == 1  # something needs the instructor's attention
-    assert "dave: error" in graded["autograde"].stdout
+    assert graded["autograde"]["returncode"] == 1  # something needs the instructor's attention
+    assert "dave: error" in graded["autograde"]["stdout"]
 
 
 def test_submissions_never_modified(graded):
@@ -97,7 +107,7 @@ def test_submissions_never_modified(graded):
 
 
 def test_report_outputs(graded):
-    assert graded["report"].returncode == 0, graded["report"].stderr
+    assert graded["report"]["returncode"] == 0, graded["report"]["stderr"]
     out = graded["workspace"] / "reports" / CHAPTER
     summary = (out / "summary.md").read_text()
     assert "| ex3_mean_tests | 3 |" in summary
@@ -108,11 +118,11 @@ def test_report_outputs(graded):
 
 
 def test_regrading_skips_unchanged(graded, course):
-    result = run_grader("autograde", graded["subs"], "--chapter", CHAPTER, "--workspace",
-                        graded["workspace"], root=course)
     log = graded["workspace"] / "logs" / CHAPTER / "alice.log"
     mtime = log.stat().st_mtime_ns
-    assert "4 graded" in result.stdout or "graded" in result.stdout
+    result = run_grader("autograde", graded["subs"], "--chapter", CHAPTER, "--workspace",
+                        graded["workspace"], root=course)
+    assert "(0 graded in this run" in result.stdout, result.stdout
     assert log.stat().st_mtime_ns == mtime
 
 
