@@ -10,6 +10,9 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 KERNEL     ?= neurons-to-llms
 PYTEST_ARGS ?=
+LAB_ARGS   ?=
+# JupyterLab refuses to run as root without --allow-root (containers, CI machines).
+ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.setup-done
 
@@ -31,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 lab: setup
-	cd chapters && ../$(BIN)/jupyter lab ch00_big_picture/ch00_big_picture.ipynb
+	cd chapters && ../$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) ch00_big_picture/ch00_big_picture.ipynb
 
 # Quick mode (COURSE_QUICK=1) shrinks every training run; xdist spreads tests over the cores.
 # tests/ holds the unit, grader and round-trip tests; --nbmake also runs every solution notebook.
