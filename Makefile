@@ -40,7 +40,7 @@ lab: setup
 # tests/ holds the unit, grader and round-trip tests; --nbmake also runs every solution notebook.
 test: setup
 	$(BIN)/ruff check .
-	COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n auto --dist loadgroup \
+	COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n auto \
 		--nbmake --nbmake-timeout=600 tests solutions $(PYTEST_ARGS)
 
 lint: setup

@@ -184,3 +184,18 @@ def test_notebook_timeout(course, release_nb, tmp_path):
     run_grader("report", "--chapter", CHAPTER, "--workspace", workspace, "--no-feedback", root=course)
     row = read_grades(workspace, CHAPTER)["ivan"]
     assert row["status"] == "timeout" and row["score"] == ""
+
+
+def test_cell_timeout_is_retried_then_scored(course, release_nb, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    slow = "import time\ntime.sleep(120)\ndef add(a, b):\n    return a + b\n"
+    nbformat.write(solved(release_nb, ex1_add=slow), str(subs / "judy.ipynb"))
+    workspace = tmp_path / "ws"
+    result = run_grader("autograde", subs, "--chapter", CHAPTER, "--workspace", workspace,
+                        "--cell-timeout", "5", root=course)
+    assert "did not finish" in result.stdout and "two runs" in result.stdout, result.stdout
+    run_grader("report", "--chapter", CHAPTER, "--workspace", workspace, "--no-feedback", root=course)
+    row = read_grades(workspace, CHAPTER)["judy"]
+    assert row["status"] == "graded" and row["ex1_add_tests"] == "0"
+    assert row["score"] == str(MAX_SCORE - 1)

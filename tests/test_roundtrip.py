@@ -80,18 +80,14 @@ def graded(chapter: str, base: Path) -> dict:
             "autograde": auto}
 
 
-def _chapter_params():
-    return [pytest.param(c, marks=pytest.mark.xdist_group(f"roundtrip-{c}")) for c in CHAPTERS]
-
-
 @pytest.mark.roundtrip
-@pytest.mark.parametrize("chapter", _chapter_params())
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_has_enough_wrong_answers(chapter):
     assert len(wrong_answers(chapter)) >= 3, f"{chapter} needs >= 3 wrong-answer fixtures"
 
 
 @pytest.mark.roundtrip
-@pytest.mark.parametrize("chapter", _chapter_params())
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_round_trip(chapter, tmp_path_factory):
     result = graded(chapter, tmp_path_factory.mktemp(f"rt-{chapter}"))
     assert result["autograde"].returncode == 0, result["autograde"].stdout + result["autograde"].stderr
