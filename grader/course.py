@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import sys
@@ -65,3 +66,19 @@ def ensure_scripts_on_path() -> None:
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if parts[:1] != [scripts]:
         os.environ["PATH"] = os.pathsep.join([scripts, *[p for p in parts if p != scripts]])
+
+
+def files_under(folder: Path) -> dict[str, Path]:
+    """Every file below ``folder`` by relative path, without Jupyter checkpoints or bytecode."""
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()
+            and ".ipynb_checkpoints" not in p.parts and "__pycache__" not in p.parts}
+
+
+def compare_trees(expected: Path, actual: Path) -> tuple[list[str], list[str], list[str]]:
+    """Relative paths ``(missing from actual, extra in actual, different)`` between two folders."""
+    want, have = files_under(expected), files_under(actual)
+    changed = [name for name in sorted(set(want) & set(have))
+               if not filecmp.cmp(want[name], have[name], shallow=False)]
+    return sorted(set(want) - set(have)), sorted(set(have) - set(want)), changed

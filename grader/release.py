@@ -7,7 +7,6 @@ then copy the result into ``chapters/`` (or, with ``--check``, compare it byte f
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 from traitlets.config import Config
 
 from grader import GraderError
+from grader.course import compare_trees, files_under
 
 
 def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
@@ -40,11 +40,6 @@ def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
                 raise GraderError(f"nbgrader could not generate the release of {chapter}:\n{detail}")
 
 
-def _tree(folder: Path) -> dict[str, Path]:
-    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()
-            and ".ipynb_checkpoints" not in p.parts and "__pycache__" not in p.parts}
-
-
 def release(root: Path, chapters: list[str]) -> list[str]:
     """Regenerate ``chapters/<name>/`` for each chapter; returns the files written."""
     written = []
@@ -56,7 +51,7 @@ def release(root: Path, chapters: list[str]) -> list[str]:
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(out_dir / chapter, target)
-            written += [f"chapters/{chapter}/{name}" for name in _tree(target)]
+            written += [f"chapters/{chapter}/{name}" for name in files_under(target)]
     return written
 
 
@@ -67,15 +62,13 @@ def check(root: Path, chapters: list[str]) -> list[str]:
         out_dir = Path(out)
         _generate(root, chapters, out_dir)
         for chapter in chapters:
-            fresh, committed = _tree(out_dir / chapter), _tree(root / "chapters" / chapter)
-            for name in sorted(set(fresh) - set(committed)):
-                problems.append(f"chapters/{chapter}/{name}: missing (run `python -m grader release`)")
-            for name in sorted(set(committed) - set(fresh)):
-                problems.append(f"chapters/{chapter}/{name}: not generated from solutions/ (remove it)")
-            for name in sorted(set(fresh) & set(committed)):
-                if not filecmp.cmp(fresh[name], committed[name], shallow=False):
-                    problems.append(f"chapters/{chapter}/{name}: differs from a fresh generation of "
-                                    f"solutions/{chapter} (run `python -m grader release`)")
+            missing, extra, changed = compare_trees(out_dir / chapter, root / "chapters" / chapter)
+            problems += [f"chapters/{chapter}/{name}: missing (run `python -m grader release`)"
+                         for name in missing]
+            problems += [f"chapters/{chapter}/{name}: not generated from solutions/ (remove it)"
+                         for name in extra]
+            problems += [f"chapters/{chapter}/{name}: differs from a fresh generation of "
+                         f"solutions/{chapter} (run `python -m grader release`)" for name in changed]
         released = root / "chapters"
         if released.is_dir():
             for folder in sorted(released.iterdir()):

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from grader import GraderError
+from grader.course import compare_trees
 
 CONFIG_TEMPLATE = '''\
 # Written by `python -m grader`; it is rewritten on every run, so edit the command's options instead.
@@ -128,7 +128,9 @@ class Workspace:
         source = self.repo_root / "solutions" / chapter
         copy = self.path / "source" / chapter
         if copy.exists():
-            differences = _tree_differences(source, copy)
+            missing, extra, changed = compare_trees(source, copy)
+            differences = [f"{n} changed" for n in changed] + [f"{n} added or removed"
+                                                                for n in missing + extra]
             if differences:
                 raise GraderError(
                     f"The workspace already grades {chapter} from a different version of its source "
@@ -170,14 +172,3 @@ class Workspace:
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)  # atomic: a crash never leaves half a status file
 
-
-def _tree_differences(a: Path, b: Path) -> list[str]:
-    def files(folder: Path) -> dict[str, Path]:
-        return {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file()
-                and ".ipynb_checkpoints" not in p.parts and "__pycache__" not in p.parts}
-
-    fa, fb = files(a), files(b)
-    out = [f"{name} only in one" for name in sorted(set(fa) ^ set(fb))]
-    out += [f"{name} changed" for name in sorted(set(fa) & set(fb))
-            if not filecmp.cmp(fa[name], fb[name], shallow=False)]
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import fcntl
 import json
@@ -10,6 +11,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import nbformat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,3 +62,13 @@ def once_per_session(tmp_path_factory, key: str, make: Callable[[Path], dict]) -
 def completed(result: subprocess.CompletedProcess) -> dict:
     """A CompletedProcess as plain JSON data."""
     return {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def fill_answers(notebook: nbformat.NotebookNode, answers: dict[str, str]) -> nbformat.NotebookNode:
+    """A copy of ``notebook`` with the cells whose nbgrader ``grade_id`` is in ``answers`` replaced."""
+    filled = copy.deepcopy(notebook)
+    for cell in filled.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = answers[grade_id]
+    return filled

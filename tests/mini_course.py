@@ -7,11 +7,12 @@ looks like the repository (``pyproject.toml`` + ``solutions/ch99_mini/ch99_mini.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from tests.grading_helpers import fill_answers
 
 CHAPTER = "ch99_mini"
 
@@ -79,19 +80,9 @@ def make_course(root: Path) -> Path:
     return root
 
 
-def submission(release_nb: nbformat.NotebookNode, answers: dict[str, str]) -> nbformat.NotebookNode:
-    """A copy of the release notebook with the given answer cells' source replaced."""
-    nb = copy.deepcopy(release_nb)
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in answers:
-            cell.source = answers[grade_id]
-    return nb
-
-
 def solved(release_nb: nbformat.NotebookNode, **overrides: str) -> nbformat.NotebookNode:
     """The release filled with the solutions (markers removed), except ``overrides``."""
     answers = {k: "\n".join(line for line in v.splitlines() if "### " not in line)
                for k, v in SOLUTIONS.items()}
     answers.update(overrides)
-    return submission(release_nb, answers)
+    return fill_answers(release_nb, answers)

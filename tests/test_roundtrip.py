@@ -7,7 +7,6 @@ fails exactly the test cells it lists and passes all the others.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ import nbformat
 import pytest
 
 from grader.course import list_chapters
-from tests.grading_helpers import REPO, read_grades, run_grader
+from tests.grading_helpers import REPO, fill_answers, read_grades, run_grader
 
 CHAPTERS = list_chapters(REPO)
 FIXTURES = REPO / "tests" / "fixtures" / "wrong_answers"
@@ -44,15 +43,6 @@ def cells_by_role(nb: nbformat.NotebookNode) -> tuple[dict[str, str], dict[str, 
     return answers, tests
 
 
-def fill(release: nbformat.NotebookNode, answers: dict[str, str]) -> nbformat.NotebookNode:
-    nb = copy.deepcopy(release)
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in answers:
-            cell.source = answers[grade_id]
-    return nb
-
-
 def graded(chapter: str, base: Path) -> dict:
     source = nbformat.read(REPO / "solutions" / chapter / f"{chapter}.ipynb", as_version=4)
     release = nbformat.read(REPO / "chapters" / chapter / f"{chapter}.ipynb", as_version=4)
@@ -68,7 +58,7 @@ def graded(chapter: str, base: Path) -> dict:
         assert not unknown, f"{chapter} fixture {wrong['name']!r} names unknown cells {unknown}"
         student = f"wrong{i}"
         (subs / student).mkdir()
-        nbformat.write(fill(release, {**solutions, **wrong["answers"]}),
+        nbformat.write(fill_answers(release, {**solutions, **wrong["answers"]}),
                        str(subs / student / f"{chapter}.ipynb"))
         expected[student] = set(wrong["fails"])
     workspace = base / "workspace"
