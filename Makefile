@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 lab: setup
-	cd chapters && ../$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) ch00_big_picture/ch00_big_picture.ipynb
+	cd chapters && ../$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) \
+		--ServerApp.root_dir=. --LabApp.default_url=/lab/tree/ch00_big_picture/ch00_big_picture.ipynb
 
 # Quick mode (COURSE_QUICK=1) shrinks every training run; xdist spreads tests over the cores.
 # tests/ holds the unit, grader and round-trip tests; --nbmake also runs every solution notebook.
