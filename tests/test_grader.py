@@ -172,30 +172,27 @@ def test_unknown_chapter(course, tmp_path):
     assert result.returncode == 2 and "Unknown chapter" in result.stderr
 
 
-def test_notebook_timeout(course, release_nb, tmp_path):
+def _grade_sleeper(course, release_nb, tmp_path, student: str, *limits: str):
+    """Grade one student whose first answer cell sleeps; returns (autograde result, CSV row)."""
     subs = tmp_path / "subs"
     subs.mkdir()
-    hang = "import time\ntime.sleep(600)\ndef add(a, b):\n    return a + b\n"
-    nbformat.write(solved(release_nb, ex1_add=hang), str(subs / "ivan.ipynb"))
+    sleeper = "import time\ntime.sleep(600)\ndef add(a, b):\n    return a + b\n"
+    nbformat.write(solved(release_nb, ex1_add=sleeper), str(subs / f"{student}.ipynb"))
     workspace = tmp_path / "ws"
-    result = run_grader("autograde", subs, "--chapter", CHAPTER, "--workspace", workspace,
-                        "--notebook-timeout", "25", root=course)
-    assert "ivan: timeout" in result.stdout
+    result = run_grader("autograde", subs, "--chapter", CHAPTER, "--workspace", workspace, *limits,
+                        root=course)
     run_grader("report", "--chapter", CHAPTER, "--workspace", workspace, "--no-feedback", root=course)
-    row = read_grades(workspace, CHAPTER)["ivan"]
+    return result, read_grades(workspace, CHAPTER)[student]
+
+
+def test_notebook_timeout(course, release_nb, tmp_path):
+    result, row = _grade_sleeper(course, release_nb, tmp_path, "ivan", "--notebook-timeout", "25")
+    assert "ivan: timeout" in result.stdout
     assert row["status"] == "timeout" and row["score"] == ""
 
 
 def test_cell_timeout_is_retried_then_scored(course, release_nb, tmp_path):
-    subs = tmp_path / "subs"
-    subs.mkdir()
-    slow = "import time\ntime.sleep(120)\ndef add(a, b):\n    return a + b\n"
-    nbformat.write(solved(release_nb, ex1_add=slow), str(subs / "judy.ipynb"))
-    workspace = tmp_path / "ws"
-    result = run_grader("autograde", subs, "--chapter", CHAPTER, "--workspace", workspace,
-                        "--cell-timeout", "5", root=course)
+    result, row = _grade_sleeper(course, release_nb, tmp_path, "judy", "--cell-timeout", "5")
     assert "did not finish" in result.stdout and "two runs" in result.stdout, result.stdout
-    run_grader("report", "--chapter", CHAPTER, "--workspace", workspace, "--no-feedback", root=course)
-    row = read_grades(workspace, CHAPTER)["judy"]
     assert row["status"] == "graded" and row["ex1_add_tests"] == "0"
     assert row["score"] == str(MAX_SCORE - 1)
