@@ -17,7 +17,7 @@ import nbformat
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_grader(*args: str | Path, root: Path | None = None, timeout: float = 900
+def run_grader(*args: str | Path, root: Path | None = None, timeout: float = 3600
                ) -> subprocess.CompletedProcess:
     """Run ``python -m grader`` as the instructor would, from the repository."""
     cmd = [sys.executable, "-m", "grader"]

@@ -63,7 +63,9 @@ def graded(chapter: str, base: Path) -> dict:
         expected[student] = set(wrong["fails"])
     workspace = base / "workspace"
     auto = run_grader("autograde", subs, "--chapter", chapter, "--workspace", workspace,
-                      "--jobs", "2", "--notebook-timeout", "900")
+                      "--jobs", "2", "--notebook-timeout", "600",
+                      # No quick-mode cell needs 2 minutes; a stalled kernel is retried sooner.
+                      "--cell-timeout", "120")
     report = run_grader("report", "--chapter", chapter, "--workspace", workspace, "--no-feedback")
     assert report.returncode == 0, report.stderr
     return {"grades": read_grades(workspace, chapter), "tests": tests, "expected": expected,
