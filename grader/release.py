@@ -10,12 +10,22 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from traitlets.config import Config
 
 from grader import GraderError
 from grader.course import compare_trees, files_under
+
+
+@contextmanager
+def _fresh_release(root: Path, chapters: list[str]) -> Iterator[Path]:
+    """Generate the chapters' releases into a temporary folder and yield it."""
+    with tempfile.TemporaryDirectory(prefix="n2l-release-out-") as out:
+        _generate(root, chapters, Path(out))
+        yield Path(out)
 
 
 def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
@@ -43,9 +53,7 @@ def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
 def release(root: Path, chapters: list[str]) -> list[str]:
     """Regenerate ``chapters/<name>/`` for each chapter; returns the files written."""
     written = []
-    with tempfile.TemporaryDirectory(prefix="n2l-out-") as out:
-        out_dir = Path(out)
-        _generate(root, chapters, out_dir)
+    with _fresh_release(root, chapters) as out_dir:
         for chapter in chapters:
             target = root / "chapters" / chapter
             if target.exists():
@@ -58,9 +66,7 @@ def release(root: Path, chapters: list[str]) -> list[str]:
 def check(root: Path, chapters: list[str]) -> list[str]:
     """Differences between ``chapters/`` and a fresh generation; empty when in sync."""
     problems = []
-    with tempfile.TemporaryDirectory(prefix="n2l-check-") as out:
-        out_dir = Path(out)
-        _generate(root, chapters, out_dir)
+    with _fresh_release(root, chapters) as out_dir:
         for chapter in chapters:
             missing, extra, changed = compare_trees(out_dir / chapter, root / "chapters" / chapter)
             problems += [f"chapters/{chapter}/{name}: missing (run `python -m grader release`)"
