@@ -1,26 +1,48 @@
 """``autograde``: grade every submission of one chapter in the workspace.
 
-Each student is graded by its own ``nbgrader autograde --student`` process, so one notebook that
-hangs or crashes cannot take the batch down: past ``--notebook-timeout`` the process and the
-kernel it started are killed and the student is reported as ``timeout`` (never as a silent 0).
-Re-running the command grades only submissions that are new, changed, or not graded yet.
+For each submission:
+
+1. Before any code runs, the notebook is read against the release: edited or deleted locked
+   cells, changed metadata and suspicious constructs become flags (grader/flags.py).
+2. Its own ``nbgrader autograde --student`` process runs it, with the kernel in a sandbox
+   (grader/sandbox.py) and one cell appended: the trusted checks on secret inputs
+   (grader/probes.py). One notebook that hangs or crashes cannot take the batch down: past
+   ``--notebook-timeout`` the process and its sandbox are killed and the student is reported as
+   ``timeout`` (never as a silent 0).
+3. Back in this process, where no student code ever ran, the trusted checks' outputs are
+   compared with the reference. A test cell keeps its points only when its in-kernel tests
+   passed and its trusted check agrees; the gradebook is updated to match, and each
+   disagreement is flagged.
+
+Submissions run in parallel (``--jobs``, default: one per CPU). Re-running the command grades
+only submissions that are new, changed, or not graded yet; Ctrl-C or SIGTERM stops the batch,
+kills what is running and keeps what was finished.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 from tqdm.auto import tqdm
 
-from grader import ingest
+from grader import GraderError, database, ingest, probes, sandbox
+from grader.flags import submission_flags
 from grader.workspace import Record, Workspace
+
+# nbgrader processes running now, so that an interrupted batch can kill them all.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -65,13 +87,26 @@ def _run_nbgrader(ws: Workspace, chapter: str, student: str, notebook_timeout: f
             [sys.executable, "-m", "grader.nbgrader_main", "autograde", chapter,
              "--student", student, "--force"],
             cwd=ws.path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **env},
+            env={**os.environ, **database.nbgrader_env(ws.db_url), **env},
         )
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
         try:
             return proc.wait(timeout=notebook_timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(proc)
             return None
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
+
+
+def kill_running() -> None:
+    """Kill every nbgrader process of this batch and its kernel (Ctrl-C, SIGTERM)."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for proc in running:
+        _kill_tree(proc)
 
 
 def _interrupted_cells(notebook: Path) -> list[str]:
@@ -85,9 +120,84 @@ def _interrupted_cells(notebook: Path) -> list[str]:
             and out.get("ename") in {"CellTimeoutError", "DeadKernelError"}]
 
 
-def grade_one(ws: Workspace, chapter: str, student: str, notebook_timeout: float,
-              env: dict[str, str]) -> tuple[str, str, float]:
-    """Grade one student; returns ``(status, message, seconds)``.
+@dataclass
+class Settings:
+    """What every submission of a batch is graded with."""
+
+    notebook_timeout: float
+    env: dict[str, str]
+    use_sandbox: bool
+    limits: sandbox.Limits
+    checks: list[probes.Probe]
+    slots: queue.Queue = field(default_factory=queue.Queue)
+
+
+@dataclass
+class Outcome:
+    status: str
+    message: str
+    seconds: float
+    flags: list[str] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)
+    seed: int | None = None
+
+
+def _take_trusted_outputs(graded: Path, cell_source: str) -> dict | None:
+    """Remove the trusted-check cell from the graded notebook; return what it published.
+
+    Only the last cell counts, and only when its source is exactly the one the grader added:
+    a cell the student wrote to look like it is ignored.
+    """
+    nb = nbformat.read(graded, as_version=4)
+    if not nb.cells or nb.cells[-1].source.strip() != cell_source.strip():
+        return None
+    cell = nb.cells.pop()
+    nbformat.write(nb, str(graded))
+    for output in cell.get("outputs", []):
+        data = output.get("data", {}) if output.get("output_type") == "display_data" else {}
+        if probes.MIME in data:
+            payload = data[probes.MIME]
+            return payload if isinstance(payload, dict) else None
+    return None
+
+
+def _apply_checks(ws: Workspace, chapter: str, student: str,
+                  verdicts: dict[str, probes.Verdict]) -> list[str]:
+    """Make the gradebook's score of each test cell min(in-kernel, trusted); flags for the rest."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    flags = []
+    with Gradebook(ws.db_url) as gb:
+        try:
+            notebook = gb.find_submission_notebook(chapter, chapter, student)
+        except MissingEntry:
+            return ["missing grades: the gradebook has no entry for this submission"]
+        for grade in notebook.grades:
+            if grade.auto_score is None:
+                continue
+            verdict = verdicts.get(grade.name)
+            kernel_passed = grade.auto_score > 0
+            if grade.auto_score > grade.max_score:
+                flags.append(f"score above the maximum in {grade.name} ({grade.auto_score:g} > "
+                              f"{grade.max_score:g}); capped")
+            if verdict is None:
+                grade.manual_score = min(grade.auto_score, grade.max_score)
+                flags.append(f"no trusted check for {grade.name}: its score rests on in-kernel tests only")
+            elif verdict.passed:
+                grade.manual_score = min(grade.auto_score, grade.max_score)
+                if not kernel_passed:
+                    flags.append(f"note: {grade.name} failed in the kernel but its trusted check passed")
+            else:
+                grade.manual_score = 0.0
+                if kernel_passed:
+                    flags.append(f"trusted check overrules a pass in {grade.name}: {verdict.reason}; "
+                                 "scored 0")
+        gb.db.commit()
+    return flags
+
+
+def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> Outcome:
+    """Grade one student (see the module docstring for the steps).
 
     A cell that hit the per-cell limit or a kernel that died is graded once more: both can be
     a glitch of the machine rather than the student's code (we have seen rare kernel message
@@ -96,45 +206,105 @@ def grade_one(ws: Workspace, chapter: str, student: str, notebook_timeout: float
     log_path = ws.log(student, chapter)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
+    work = ws.sandbox_dir(student, chapter)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    seed = probes.new_seed()
+    inputs = probes.make_inputs(settings.checks, seed)
+    probes_path = sandbox.PROBES_PATH if settings.use_sandbox else str(ws.probes(chapter))
+    cell_source = probes.harness_cell(probes_path, inputs)
+    (work / "trusted_cell.py").write_text(cell_source)
+    env = {**settings.env, "N2L_TRUSTED_CELL": str(work / "trusted_cell.py")}
+    slot = settings.slots.get()
+    plan = None
+    try:
+        if settings.use_sandbox:
+            plan = sandbox.make_plan(work / "kernel", slot=slot, env=settings.env, limits=settings.limits,
+                                     probes_file=ws.probes(chapter))
+            plan.save(work / "plan.json")
+            # jupyter_client writes the connection file with tempfile (TMPDIR) and puts the ipc
+            # sockets beside it: both must be in the one folder the sandbox shares.
+            env.update({sandbox.PLAN_ENV: str(work / "plan.json"), "TMPDIR": plan.runtime_dir,
+                        "JUPYTER_RUNTIME_DIR": plan.runtime_dir, "JUPYTER_PATH": str(ws.path / "jupyter")})
+        outcome = _run_attempts(ws, chapter, student, settings.notebook_timeout, env, log_path)
+    finally:
+        if plan is not None:
+            if plan.uid is not None:  # nothing of this student's may outlive its grading
+                subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
+            sandbox.remove_plan(plan)
+        settings.slots.put(slot)
+    outcome.seed = seed
+    graded = ws.autograded(student, chapter)
+    if outcome.status != "graded":
+        return outcome
+    interrupted = _interrupted_cells(graded)
+    if interrupted:
+        outcome.flags.append(f"cells did not finish ({', '.join(sorted(set(interrupted)))})")
+    payload = _take_trusted_outputs(graded, cell_source)
+    verdicts = probes.decide(settings.checks, inputs, payload)
+    outcome.checks = {name: "passed" if v.passed else v.reason for name, v in verdicts.items()}
+    outcome.flags += _apply_checks(ws, chapter, student, verdicts)
+    return outcome
+
+
+def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: float,
+                  env: dict[str, str], log_path: Path) -> Outcome:
     start = time.monotonic()
     for attempt in (1, 2):
         deadline = notebook_timeout - (time.monotonic() - start)
         code = _run_nbgrader(ws, chapter, student, max(deadline, 1.0), env, log_path)
         seconds = time.monotonic() - start
         if code is None:
-            return ("timeout", f"the notebook ran longer than the {notebook_timeout:g} s limit "
-                    "for a whole notebook; nothing was graded", seconds)
+            return Outcome("timeout", f"the notebook ran longer than the {notebook_timeout:g} s limit "
+                           "for a whole notebook; nothing was graded", seconds,
+                           flags=[f"timeout: whole notebook over {notebook_timeout:g} s"])
         graded = ws.autograded(student, chapter)
         if code != 0 or not graded.exists():
             text = log_path.read_text(errors="replace")
             lines = [ln for ln in text.splitlines() if "ERROR" in ln or "Error" in ln]
             detail = (lines or text.strip().splitlines() or ["no output"])[-1].strip()[:300]
-            return "error", f"nbgrader failed (exit {code}): {detail} (log: {log_path})", seconds
+            return Outcome("error", f"nbgrader failed (exit {code}): {detail} (log: {log_path})", seconds)
         interrupted = _interrupted_cells(graded)
         if not interrupted:
-            return "graded", "" if attempt == 1 else "graded on a second run", seconds
+            return Outcome("graded", "" if attempt == 1 else "graded on a second run", seconds)
     kinds = ", ".join(sorted(set(interrupted)))
-    return ("graded", f"cells did not finish ({kinds}: per-cell time limit or kernel death) on "
-            "two runs; those cells scored 0", seconds)
+    return Outcome("graded", f"cells did not finish ({kinds}: per-cell time limit or kernel death) on "
+                   "two runs; those cells scored 0", seconds)
 
 
-def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int = 1,
+def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int | None = None,
               cell_timeout: int = 600, notebook_timeout: float = 3600, quick: bool = True,
               force: bool = False, id_pattern: str = ingest.DEFAULT_ID_PATTERN,
-              progress: bool = True) -> tuple[dict[str, Record], list[str]]:
+              progress: bool = True, use_sandbox: bool = True,
+              limits: sandbox.Limits | None = None) -> tuple[dict[str, Record], list[str]]:
     """Grade every submission in ``submissions_path``.
 
     Returns the status of each student and the students graded in this run (the others were
     unchanged since they were graded, or could not be read).
     """
+    jobs = max(1, jobs or os.cpu_count() or 1)
     # Read the submissions first: a wrong path or a corrupt archive fails before any setup.
     with ingest.opened(submissions_path) as folder:
         submissions, rejected = ingest.collect(folder, chapter, id_pattern)
+    if use_sandbox:
+        try:
+            sandbox.check_available()
+        except sandbox.SandboxUnavailable as error:
+            raise GraderError(
+                f"No grading sandbox can start here: {error}. Official grades need the sandbox "
+                "(without it student code runs as you, next to the hidden tests and the gradebook). "
+                "To grade anyway, pass --unsafe-no-sandbox; every submission is then flagged.") from None
     ws.prepare(chapter, cell_timeout=cell_timeout)
+    if not ws.probes(chapter).exists():
+        raise GraderError(f"{chapter} has no trusted checks (solutions/{chapter}/probes.py): every "
+                          "autograded exercise needs one, see grader/probes.py.")
+    checks = probes.load_probes(ws.probes(chapter))
+    sandbox.write_kernelspec(ws.path / "jupyter")
+    release = nbformat.read(ws.release_notebook(chapter), as_version=4)
     status = ws.load_status(chapter)
     status.rejected = [Record(student="", status="rejected", message=m) for m in rejected]
 
-    todo = []
+    todo, flags = [], {}
     for sub in submissions:
         old = status.records.get(sub.student)
         if sub.problem:
@@ -148,23 +318,52 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(sub.notebook, str(target))
+        flags[sub.student] = submission_flags(sub.notebook, release)
+        if not use_sandbox:
+            flags[sub.student].insert(0, "unsafe: graded without a sandbox (--unsafe-no-sandbox)")
         status.records[sub.student] = Record(sub.student, "pending", "", sub.source, sub.sha256)
         todo.append(sub.student)
     ws.save_status(status)
 
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {"COURSE_QUICK": "1" if quick else "0", "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), "MPLBACKEND": "Agg"}
+    limits = limits or sandbox.Limits()
+    limits = sandbox.Limits(**{**limits.__dict__,
+                               "cpu_seconds": int(notebook_timeout * threads * 2 + 60)})
+    settings = Settings(notebook_timeout, env, use_sandbox, limits, checks)
+    for slot in range(jobs):
+        settings.slots.put(slot)
     bar = tqdm(total=len(todo), desc=f"grading {chapter}", disable=not progress, unit="nb")
 
-    def run(student: str) -> tuple[str, tuple[str, str, float]]:
-        return student, grade_one(ws, chapter, student, notebook_timeout, env)
+    def run(student: str) -> tuple[str, Outcome]:
+        return student, grade_one(ws, chapter, student, settings)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for student, (state, message, seconds) in pool.map(run, todo):
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for student, outcome in pool.map(run, todo):
             record = status.records[student]
-            record.status, record.message, record.seconds = state, message, round(seconds, 2)
+            record.status, record.message = outcome.status, outcome.message
+            record.seconds = round(outcome.seconds, 2)
+            record.flags = flags.get(student, []) + outcome.flags
+            record.checks, record.seed = outcome.checks, outcome.seed
             ws.save_status(status)  # after every student, so an interrupted batch resumes
             bar.update(1)
-    bar.close()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        kill_running()
+        ws.save_status(status)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+        bar.close()
     return status.records, todo
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

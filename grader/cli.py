@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from grader import GraderError
+from grader import GraderError, database
 from grader.course import ensure_scripts_on_path, find_root, list_chapters, resolve_chapter
 from grader.ingest import DEFAULT_ID_PATTERN
 
@@ -29,9 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     auto = sub.add_parser("autograde", help="grade a folder or .zip of submitted notebooks")
     auto.add_argument("submissions", type=Path, help="folder or .zip of submissions")
     auto.add_argument("--chapter", required=True, help="e.g. ch01 or ch01_neural_networks")
+    auto.add_argument("--db-url", default=None, metavar="URL", help=database.CLI_HELP)
     auto.add_argument("--workspace", type=Path, required=True,
                       help="instructor workspace outside the repository (created if missing)")
-    auto.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel")
+    auto.add_argument("--jobs", type=int, default=None,
+                      help="submissions graded in parallel (default: one per CPU)")
     auto.add_argument("--cell-timeout", type=int, default=600,
                       help="seconds one cell may run (training cells need minutes)")
     auto.add_argument("--notebook-timeout", type=float, default=3600,
@@ -42,9 +44,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="grade again even submissions that are unchanged and already graded")
     auto.add_argument("--id-pattern", default=DEFAULT_ID_PATTERN,
                       help="regex with (?P<student>...) reading the id from flat file names")
+    auto.add_argument("--memory-limit", type=float, default=16,
+                      help="GiB of address space a student's kernel may map (CPU grading; "
+                           "on a GPU machine there is no limit, CUDA needs a very large one)")
+    auto.add_argument("--unsafe-no-sandbox", action="store_true",
+                      help="grade even where no sandbox can start: student code then runs as you, "
+                           "with your files, and every submission is flagged. Never for official grades.")
 
     rep = sub.add_parser("report", help="grades CSV, feedback HTML, pass-rate summary")
     rep.add_argument("--chapter", required=True)
+    rep.add_argument("--db-url", default=None, metavar="URL", help=database.CLI_HELP)
     rep.add_argument("--workspace", type=Path, required=True)
     rep.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
     return parser
@@ -90,16 +99,21 @@ def _run(args: argparse.Namespace) -> int:
     from grader.workspace import Workspace
 
     chapter = resolve_chapter(root, args.chapter)
-    ws = Workspace(args.workspace, root)
+    ws = Workspace(args.workspace, root, db_url=args.db_url)
     if args.command == "autograde":
         from grader.autograde import autograde
+        from grader.sandbox import Limits
 
-        if args.jobs < 1:
+        if args.jobs is not None and args.jobs < 1:
             raise GraderError("--jobs must be at least 1")
+        if args.memory_limit <= 0:
+            raise GraderError("--memory-limit must be a positive number of GiB")
         records, graded_now = autograde(ws, chapter, args.submissions, jobs=args.jobs,
                             cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
                             quick=not args.full, force=args.force, id_pattern=args.id_pattern,
-                            progress=sys.stderr.isatty() or bool(os.environ.get("N2L_PROGRESS")))
+                            progress=sys.stderr.isatty() or bool(os.environ.get("N2L_PROGRESS")),
+                            use_sandbox=not args.unsafe_no_sandbox,
+                            limits=Limits(address_space_bytes=int(args.memory_limit * 2**30)))
         counts: dict[str, int] = {}
         for record in records.values():
             counts[record.status] = counts.get(record.status, 0) + 1
@@ -108,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
         for record in sorted(records.values(), key=lambda r: r.student):
             if record.status != "graded" or record.message:
                 print(f"  {record.student}: {record.status}: {record.message}")
+            for flag in record.flags:
+                print(f"  {record.student}: flag: {flag}")
         status = ws.load_status(chapter)
         for rejected in status.rejected:
             print(f"  skipped: {rejected.message}")
@@ -117,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from grader.report import collect_rows, write_report
 
+    if database.is_postgres(ws.db_url):  # a clear message for a wrong URL or password
+        database.check_database(ws.db_url)
     out = write_report(ws, chapter, feedback=not args.no_feedback)
     rows, _ = collect_rows(ws, chapter)
     print((out / "summary.md").read_text())

@@ -19,6 +19,8 @@ from traitlets.config import Config
 from grader import GraderError
 from grader.course import compare_trees, files_under
 
+IGNORED_IN_RELEASE = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", "probes.py"]
+
 
 @contextmanager
 def _fresh_release(root: Path, chapters: list[str]) -> Iterator[Path]:
@@ -41,6 +43,8 @@ def _generate(root: Path, chapters: list[str], out_dir: Path) -> None:
         config.CourseDirectory.source_directory = str(root / "solutions")
         config.CourseDirectory.release_directory = str(out_dir)
         config.CourseDirectory.db_url = f"sqlite:///{Path(tmp) / 'gradebook.db'}"
+        # The trusted-check specs stay with the instructor (grader/probes.py explains them).
+        config.CourseDirectory.ignore = [*IGNORED_IN_RELEASE]
         config.NbGraderAPI.log_level = logging.WARNING
         api = NbGraderAPI(config=config)
         for chapter in chapters:

@@ -22,30 +22,40 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from grader import GraderError
+from grader import GraderError, database
 from grader.course import compare_trees
+from grader.release import IGNORED_IN_RELEASE
 
 CONFIG_TEMPLATE = '''\
 # Written by `python -m grader`; it is rewritten on every run, so edit the command's options instead.
+import os
+
 from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
 from nbgrader.preprocessors import (
     AssignLatePenalties, CheckCellMetadata, ClearHiddenTests, Execute, GetGrades, IgnorePattern,
     LimitOutput, SaveAutoGrades,
 )
 
-from grader.preprocessors import StderrIsNotAFailure
+from grader.preprocessors import AppendTrustedChecks, StderrIsNotAFailure
 
 c = get_config()  # noqa: F821
 c.CourseDirectory.course_id = "neurons-to-llms"
 c.CourseDirectory.root = {root!r}
 c.CourseDirectory.db_url = {db_url!r}
+c.CourseDirectory.ignore = {ignore!r}
 # Per-cell limit; the whole notebook is limited by the grader, which kills nbgrader past it.
 c.Execute.timeout = {cell_timeout}
 c.Execute.startup_timeout = 120
 # A deleted test cell is put back and graded instead of silently scoring 0.
 c.OverwriteCells.add_missing_cells = True
+if os.environ.get("N2L_SANDBOX_PLAN"):
+    # The kernel runs in the grader's sandbox (grader/sandbox.py), reached over ipc sockets.
+    c.Execute.kernel_name = "n2l-sandbox"
+    c.KernelManager.transport = "ipc"
+    # For ipc the "ip" is the sockets' path prefix; its default is relative to each side's cwd.
+    c.KernelManager.ip = os.path.join(os.environ["JUPYTER_RUNTIME_DIR"], "kernel")
 c.Autograde.autograde_preprocessors = [
-    Execute, StderrIsNotAFailure, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
+    AppendTrustedChecks, Execute, StderrIsNotAFailure, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
     SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
 ]
 # Feedback never shows the hidden tests' source.
@@ -63,6 +73,9 @@ class Record:
     source: str = ""  # where the submission came from (path inside the folder or archive)
     sha256: str = ""
     seconds: float | None = None
+    flags: list[str] = field(default_factory=list)  # see grader/flags.py and grader/autograde.py
+    checks: dict[str, str] = field(default_factory=dict)  # test cell -> trusted verdict ("passed" or why not)
+    seed: int | None = None  # the secret seed of the trusted checks' inputs (to reproduce them)
 
 
 @dataclass
@@ -73,7 +86,7 @@ class Status:
 
 
 class Workspace:
-    def __init__(self, path: Path, repo_root: Path):
+    def __init__(self, path: Path, repo_root: Path, db_url: str | None = None):
         self.path = Path(path).expanduser().resolve()
         self.repo_root = repo_root.resolve()
         if self.path == self.repo_root or self.repo_root in self.path.parents:
@@ -83,12 +96,10 @@ class Workspace:
             )
         if self.path.exists() and not self.path.is_dir():
             raise GraderError(f"The workspace path {self.path} exists and is not a folder.")
+        # --db-url, or what this workspace used before, or <workspace>/gradebook.db
+        self.db_url = database.resolve_url(self.path, db_url)
 
     # -- layout ------------------------------------------------------------------------------
-    @property
-    def db_url(self) -> str:
-        return f"sqlite:///{self.path / 'gradebook.db'}"
-
     def submitted(self, student: str, chapter: str) -> Path:
         return self.path / "submitted" / student / chapter / f"{chapter}.ipynb"
 
@@ -101,13 +112,24 @@ class Workspace:
     def log(self, student: str, chapter: str) -> Path:
         return self.path / "logs" / chapter / f"{student}.log"
 
+    def sandbox_dir(self, student: str, chapter: str) -> Path:
+        return self.path / "sandbox" / chapter / student
+
+    def probes(self, chapter: str) -> Path:
+        return self.path / "source" / chapter / "probes.py"
+
+    def release_notebook(self, chapter: str) -> Path:
+        return self.path / "release" / chapter / f"{chapter}.ipynb"
+
     def reports(self, chapter: str) -> Path:
         return self.path / "reports" / chapter
 
     # -- setup -------------------------------------------------------------------------------
     def write_config(self, cell_timeout: int = 600) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        text = CONFIG_TEMPLATE.format(root=str(self.path), db_url=self.db_url,
+        database.record_url(self.path, self.db_url)
+        text = CONFIG_TEMPLATE.format(root=str(self.path), db_url=database.config_url(self.db_url),
+                                      ignore=IGNORED_IN_RELEASE,
                                       cell_timeout=int(cell_timeout))
         (self.path / "nbgrader_config.py").write_text(text)
 
@@ -116,7 +138,7 @@ class Workspace:
         """Run ``python -m nbgrader ARGS`` in the workspace (so it reads our config)."""
         return subprocess.run([sys.executable, "-m", "grader.nbgrader_main", *args], cwd=self.path,
                               capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+                              env={**os.environ, **database.nbgrader_env(self.db_url), **(env or {})})
 
     def prepare(self, chapter: str, cell_timeout: int = 600) -> None:
         """Copy the chapter's source in (once) and register it in the gradebook.
@@ -124,9 +146,15 @@ class Workspace:
         Refuses to mix tests: when the workspace already grades this chapter from a different
         source, the instructor must use a new workspace.
         """
-        self.write_config(cell_timeout)
+        self.path.mkdir(parents=True, exist_ok=True)
         source = self.repo_root / "solutions" / chapter
         copy = self.path / "source" / chapter
+        # Before anything is written: a wrong URL or password fails here, in seconds.
+        if chapter in database.check_database(self.db_url) and not copy.exists():
+            raise GraderError(
+                f"The gradebook {database.describe(self.db_url)} already holds grades of {chapter} "
+                "from another workspace: give each workspace its own database.")
+        self.write_config(cell_timeout)
         if copy.exists():
             missing, extra, changed = compare_trees(source, copy)
             differences = [f"{n} changed" for n in changed] + [f"{n} added or removed"

@@ -70,6 +70,27 @@ def source_notebook() -> nbformat.NotebookNode:
     return nb
 
 
+# The trusted checks (grader/probes.py): each function again on secret inputs.
+PROBES = """\
+import torch
+
+from grader.probes import Probe
+
+PROBES = [
+    Probe("ex1_add_tests",
+          inputs=lambda g: {"a": torch.randn(50, generator=g), "b": torch.randn(50, generator=g)},
+          run=lambda ns, x: torch.tensor([ns["add"](a, b) for a, b in zip(x["a"].tolist(), x["b"].tolist())]),
+          expected=lambda x: x["a"] + x["b"], rtol=1e-5, atol=1e-6),
+    Probe("ex2_square_tests", inputs=lambda g: {"x": torch.randn(50, generator=g)},
+          run=lambda ns, x: torch.tensor([ns["square"](v) for v in x["x"].tolist()]),
+          expected=lambda x: x["x"] ** 2, rtol=1e-5, atol=1e-6),
+    Probe("ex3_mean_tests", inputs=lambda g: {"x": torch.rand(7, 9, generator=g)},
+          run=lambda ns, x: torch.tensor([ns["mean"](row) for row in x["x"].tolist()]),
+          expected=lambda x: x["x"].mean(dim=1), rtol=1e-5, atol=1e-6),
+]
+"""
+
+
 def make_course(root: Path) -> Path:
     """Write a mini repository at ``root`` and return it."""
     root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +98,7 @@ def make_course(root: Path) -> Path:
     folder = root / "solutions" / CHAPTER
     folder.mkdir(parents=True, exist_ok=True)
     nbformat.write(source_notebook(), str(folder / f"{CHAPTER}.ipynb"))
+    (folder / "probes.py").write_text(PROBES)
     return root
 
 

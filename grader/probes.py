@@ -1,0 +1,216 @@
+"""Trusted checks: every autograded exercise is confirmed outside the student's process.
+
+Tests that run in the student's kernel can be made to pass by the student's own code (an
+``__eq__`` that is always true, a patched ``torch.allclose``, an IPython hook that rewrites the
+test cell). So each test cell also has a *probe*, written by the chapter author in
+``solutions/<chapter>/probes.py``::
+
+    PROBES = [
+        Probe("ex1_sigmoid_tests",
+              inputs=lambda g: {"x": 50 * torch.randn(1000, generator=g)},
+              run=lambda ns, x: ns["sigmoid"](x["x"]),        # runs in the student's kernel
+              expected=lambda x: torch.sigmoid(x["x"]),        # runs in the grader
+              rtol=1e-5, atol=1e-7),
+    ]
+
+At grading time the grader draws a secret seed, makes each probe's inputs, and appends one cell
+to the notebook that calls ``run`` on them and sends back the outputs as plain tensors
+(safetensors, base64). The grader then decodes them in its own process, where no student code
+ever ran, and compares them with ``expected`` (or lets ``check`` decide). A test cell keeps its
+points only when its in-kernel tests passed *and* its probe agrees; a pass the probe contradicts
+scores 0 and is flagged.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MIME = "application/vnd.n2l.probe-outputs+json"
+MARKER = "# Trusted checks, added by the grader (not part of your notebook)."
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How to confirm one test cell: inputs from a seeded generator, the call in the student's
+    kernel, and either the expected outputs (compared with ``rtol``/``atol``) or a ``check``
+    that returns why the outputs are wrong (or None when they are right)."""
+
+    test_cell: str
+    inputs: Callable[[torch.Generator], Tensors]
+    run: Callable[[dict[str, Any], Tensors], Any]
+    expected: Callable[[Tensors], Any] | None = None
+    check: Callable[[Tensors, Tensors], str | None] | None = None
+    rtol: float = 1e-5
+    atol: float = 1e-8
+
+    def __post_init__(self):
+        if (self.expected is None) == (self.check is None):
+            raise ValueError(f"probe {self.test_cell}: give exactly one of expected= or check=")
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    reason: str = ""
+
+
+def load_probes(path: Path) -> list[Probe]:
+    """``PROBES`` from a chapter's probes.py (raises with the file's name when it is malformed)."""
+    spec = importlib.util.spec_from_file_location(f"n2l_probes_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    probes = getattr(module, "PROBES", None)
+    if not isinstance(probes, list) or not all(isinstance(p, Probe) for p in probes):
+        raise ValueError(f"{path} must define PROBES, a list of grader.probes.Probe")
+    return probes
+
+
+# -- plain tensors in and out ---------------------------------------------------------------------
+
+
+def as_tensors(value: Any) -> Tensors:
+    """A probe's result as named, contiguous CPU tensors (numbers become float64 scalars)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        items = [("out", value)]
+    out = {}
+    for key, item in items:
+        if isinstance(item, torch.Tensor):
+            tensor = item.detach().to("cpu").clone().contiguous()
+        elif isinstance(item, (bool, int, float)):
+            tensor = torch.tensor(float(item), dtype=torch.float64)
+        else:
+            import numpy as np
+
+            tensor = torch.from_numpy(np.array(item, dtype=np.float64)).contiguous()
+        if type(tensor) is not torch.Tensor:  # a subclass could carry behaviour; keep plain data
+            tensor = tensor.as_subclass(torch.Tensor)
+        out[str(key)] = tensor
+    return out
+
+
+def encode(named: dict[str, Tensors]) -> str:
+    from safetensors.torch import save
+
+    flat = {f"{i}/{k}": v for i, group in named.items() for k, v in group.items()}
+    return base64.b64encode(save(flat)).decode("ascii")
+
+
+def decode(text: str) -> dict[str, Tensors]:
+    """Inverse of :func:`encode`; safetensors holds only data, so decoding runs no code."""
+    from safetensors.torch import load
+
+    grouped: dict[str, Tensors] = {}
+    for key, value in load(base64.b64decode(text.encode("ascii"), validate=True)).items():
+        group, _, name = key.partition("/")
+        grouped.setdefault(group, {})[name] = value
+    return grouped
+
+
+def make_inputs(probes: list[Probe], seed: int) -> dict[str, Tensors]:
+    named = {}
+    for i, probe in enumerate(probes):
+        generator = torch.Generator().manual_seed((seed + 7919 * i) % 2**63)
+        named[str(i)] = as_tensors(probe.inputs(generator))
+    return named
+
+
+def new_seed() -> int:
+    return secrets.randbits(62)
+
+
+def harness_cell(probes_path: str, inputs: dict[str, Tensors]) -> str:
+    """The source of the cell appended to the notebook at grading time."""
+    return (
+        f"{MARKER}\nfrom grader.probes import run_in_kernel as _n2l_run_in_kernel\n"
+        f"_n2l_run_in_kernel(globals(), {probes_path!r}, {encode(inputs)!r})\n"
+    )
+
+
+# -- inside the student's kernel ----------------------------------------------------------------
+
+
+def run_in_kernel(namespace: dict[str, Any], probes_path: str, inputs_text: str) -> None:
+    """Call every probe on its inputs and publish the outputs (runs in the sandboxed kernel)."""
+    from IPython.display import publish_display_data
+
+    probes = load_probes(Path(probes_path))
+    inputs = decode(inputs_text)
+    outputs, errors = {}, {}
+    for i, probe in enumerate(probes):
+        try:
+            outputs[str(i)] = as_tensors(probe.run(namespace, inputs.get(str(i), {})))
+        except BaseException as error:  # noqa: BLE001 - a student's error is a verdict, not a crash
+            errors[str(i)] = f"{type(error).__name__}: {error}"[:500]
+    publish_display_data(
+        {
+            MIME: {"outputs": encode(outputs), "errors": errors},
+            "text/plain": f"trusted checks: {len(outputs)} ran, {len(errors)} raised",
+        }
+    )
+
+
+# -- in the grader ------------------------------------------------------------------------------
+
+
+def _compare(got: Tensors, want: Tensors, rtol: float, atol: float) -> str | None:
+    if set(got) != set(want):
+        return f"returned {sorted(got)}, expected {sorted(want)}"
+    for key in want:
+        g, w = got[key], want[key]
+        if tuple(g.shape) != tuple(w.shape):
+            return f"{key}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        g64, w64 = g.to(torch.float64), w.to(torch.float64)
+        if not torch.equal(torch.isnan(g64), torch.isnan(w64)):
+            return f"{key}: NaN where the reference has none (or the reverse)"
+        mask = ~torch.isnan(w64)
+        if not torch.allclose(g64[mask], w64[mask], rtol=rtol, atol=atol):
+            worst = (g64[mask] - w64[mask]).abs().max().item() if mask.any() else math.nan
+            return f"{key}: differs from the reference (max abs difference {worst:.3g})"
+    return None
+
+
+def decide(probes: list[Probe], inputs: dict[str, Tensors], payload: dict | None) -> dict[str, Verdict]:
+    """The trusted verdict for each probed test cell, from the outputs the kernel sent back."""
+    verdicts = {}
+    if payload is None:
+        return {p.test_cell: Verdict(False, "the trusted checks produced no outputs") for p in probes}
+    try:
+        outputs = decode(payload.get("outputs", ""))
+        errors = payload.get("errors", {})
+        if not isinstance(errors, dict):
+            raise ValueError("errors is not a mapping")
+    except Exception as error:  # noqa: BLE001 - a forged or damaged payload fails every check
+        return {p.test_cell: Verdict(False, f"unreadable trusted-check outputs ({error})") for p in probes}
+    for i, probe in enumerate(probes):
+        key = str(i)
+        if key in errors:
+            verdicts[probe.test_cell] = Verdict(False, f"raised {str(errors[key])[:300]}")
+            continue
+        if key not in outputs:
+            verdicts[probe.test_cell] = Verdict(False, "no output")
+            continue
+        try:
+            if probe.check is not None:
+                reason = probe.check(inputs[key], outputs[key])
+            else:
+                reason = _compare(
+                    outputs[key], as_tensors(probe.expected(inputs[key])), probe.rtol, probe.atol
+                )
+        except Exception as error:  # noqa: BLE001 - e.g. outputs of the wrong dtype
+            reason = f"could not be checked ({type(error).__name__}: {error})"
+        verdicts[probe.test_cell] = Verdict(reason is None, reason or "")
+    return verdicts
