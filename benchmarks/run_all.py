@@ -13,5 +13,6 @@ if __name__ == "__main__":
     codes = [
         subprocess.call([sys.executable, str(HERE / "train_throughput.py")]),
         subprocess.call([sys.executable, str(HERE / "chapter_times.py"), "--mode", mode]),
+        subprocess.call([sys.executable, str(HERE / "grading_throughput.py")]),
     ]
     sys.exit(max(codes))

@@ -252,6 +252,7 @@ def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: f
     start = time.monotonic()
     for attempt in (1, 2):
         deadline = notebook_timeout - (time.monotonic() - start)
+        log_start = log_path.stat().st_size
         code = _run_nbgrader(ws, chapter, student, max(deadline, 1.0), env, log_path)
         seconds = time.monotonic() - start
         if code is None:
@@ -260,7 +261,26 @@ def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: f
                            flags=[f"timeout: whole notebook over {notebook_timeout:g} s"])
         graded = ws.autograded(student, chapter)
         if code != 0 or not graded.exists():
-            text = log_path.read_text(errors="replace")
+            with open(log_path, errors="replace") as fh:
+                fh.seek(log_start)
+                text = fh.read()
+            died = ""
+            # nbgrader gives up on a notebook whose kernel died, or whose cell ran past the
+            # per-cell limit and ignored the interrupt: once may be the machine (memory
+            # pressure, a stall), twice is the notebook.
+            if "DeadKernelError" in text or "Kernel died" in text:
+                died = "the kernel died"
+                why = ("the student's code ended its own Python process: os._exit, a crash, or a "
+                       "resource limit")
+            elif "CellTimeoutError" in text:
+                died = "a cell could not be stopped"
+                why = "a cell ran past the per-cell limit and did not stop when interrupted"
+            if died and attempt == 1:
+                continue
+            if died:
+                return Outcome("error", f"{died} while the notebook ran, on two runs ({why}); nothing was "
+                               f"graded (log: {log_path})", seconds,
+                               flags=[f"kernel death: {died}, on two runs"])
             lines = [ln for ln in text.splitlines() if "ERROR" in ln or "Error" in ln]
             detail = (lines or text.strip().splitlines() or ["no output"])[-1].strip()[:300]
             return Outcome("error", f"nbgrader failed (exit {code}): {detail} (log: {log_path})", seconds)

@@ -23,6 +23,7 @@ class Row:
     status: str
     message: str
     cells: dict[str, float | None] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
     @property
     def score(self) -> float | None:
@@ -53,7 +54,7 @@ def collect_rows(ws: Workspace, chapter: str) -> tuple[list[Row], list[tuple[str
     rows = []
     with Gradebook(ws.db_url) as gb:
         for student, record in sorted(status.records.items()):
-            row = Row(student, record.status, record.message)
+            row = Row(student, record.status, record.message, flags=list(record.flags))
             if record.status == "graded":
                 try:
                     nb = gb.find_submission_notebook(chapter, chapter, student)
@@ -90,10 +91,12 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True) -> Path:
 
     with open(out / "grades.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["student", "status", "score", "max_score", *[n for n, _ in cells], "message"])
+        writer.writerow(["student", "status", "score", "max_score", *[n for n, _ in cells], "flags",
+                         "message"])
         for row in rows:
             writer.writerow([row.student, row.status, _fmt(row.score), _fmt(max_score),
-                             *[_fmt(row.cells.get(n)) for n, _ in cells], row.message])
+                             *[_fmt(row.cells.get(n)) for n, _ in cells], " | ".join(row.flags),
+                             row.message])
 
     graded = [r for r in rows if r.status == "graded"]
     rates = {name: (sum(1 for r in graded if r.cells.get(name) == points) / len(graded)
@@ -112,6 +115,12 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True) -> Path:
     if problems:
         lines += ["", "## Not graded automatically", ""]
         lines += [f"- {r.student}: {r.status} — {r.message}" for r in problems]
+    flagged = [r for r in rows if r.flags]
+    if flagged:
+        lines += ["", f"## Flags ({len(flagged)} submissions; see README, \"Trust\")", ""]
+        for row in flagged:
+            lines.append(f"- {row.student}:")
+            lines += [f"  - {flag}" for flag in row.flags]
     status = ws.load_status(chapter)
     if status.rejected:
         lines += ["", "## Entries skipped in the submissions", ""]
