@@ -219,7 +219,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     plan = None
     try:
         if settings.use_sandbox:
-            plan = sandbox.make_plan(work / "kernel", slot=slot, env=settings.env, limits=settings.limits,
+            plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits,
                                      probes_file=ws.probes(chapter))
             plan.save(work / "plan.json")
             # jupyter_client writes the connection file with tempfile (TMPDIR) and puts the ipc

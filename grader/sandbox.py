@@ -100,10 +100,11 @@ def make_plan(
     work_dir: Path, *, slot: int, env: dict[str, str], limits: Limits, probes_file: Path | None = None
 ) -> Plan:
     """A plan for one kernel: folders under ``work_dir`` (created here, removed by the caller)."""
-    runtime = work_dir / "runtime"
-    runtime.mkdir(parents=True, exist_ok=True)
-    # The stage must be reachable by the unprivileged uid, wherever the workspace is.
-    stage = Path(tempfile.mkdtemp(prefix="n2l-stage-"))
+    # Both live in /tmp: the stage must be reachable by the unprivileged uid wherever the
+    # workspace is, and a unix socket's path may not exceed 107 bytes.
+    short = "/tmp" if os.path.isdir("/tmp") else None
+    runtime = Path(tempfile.mkdtemp(prefix="n2l-run-", dir=short))
+    stage = Path(tempfile.mkdtemp(prefix="n2l-stage-", dir=short))
     uid = FIRST_UID + slot if os.geteuid() == 0 else None
     if uid is not None:
         os.chmod(stage, 0o755)
@@ -298,7 +299,7 @@ def check_available() -> None:
     if os.geteuid() == 0 and shutil.which("unshare") is None:
         raise SandboxUnavailable("util-linux's `unshare` is missing")
     with tempfile.TemporaryDirectory(prefix="n2l-sandbox-check-") as tmp:
-        plan = make_plan(Path(tmp), slot=0, env={}, limits=Limits(cpu_seconds=30))
+        plan = make_plan(slot=0, env={}, limits=Limits(cpu_seconds=30))
         plan_path = Path(tmp) / "plan.json"
         plan.save(plan_path)
         try:
