@@ -96,10 +96,8 @@ def gpu_devices() -> list[str]:
     return sorted(glob.glob("/dev/nvidia*"))
 
 
-def make_plan(
-    work_dir: Path, *, slot: int, env: dict[str, str], limits: Limits, probes_file: Path | None = None
-) -> Plan:
-    """A plan for one kernel: folders under ``work_dir`` (created here, removed by the caller)."""
+def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Path | None = None) -> Plan:
+    """A plan for one kernel; :func:`remove_plan` removes the folders it makes."""
     # Both live in /tmp: the stage must be reachable by the unprivileged uid wherever the
     # workspace is, and a unix socket's path may not exceed 107 bytes.
     short = "/tmp" if os.path.isdir("/tmp") else None
