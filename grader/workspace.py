@@ -46,6 +46,10 @@ c.CourseDirectory.ignore = {ignore!r}
 # Per-cell limit; the whole notebook is limited by the grader, which kills nbgrader past it.
 c.Execute.timeout = {cell_timeout}
 c.Execute.startup_timeout = 120
+# After a cell is interrupted at its time limit, wait for the kernel to settle instead of
+# abandoning the whole notebook after 4 s (a loaded machine is slower than that).
+c.Execute.iopub_timeout = 30
+c.Execute.raise_on_iopub_timeout = False
 # A deleted test cell is put back and graded instead of silently scoring 0.
 c.OverwriteCells.add_missing_cells = True
 if os.environ.get("N2L_SANDBOX_PLAN"):

@@ -344,14 +344,19 @@ def test_suspicious_constructs_are_flagged(batch, student, words):
     assert words in _flags(batch, student)
 
 
-@pytest.mark.parametrize("student, flag", [
-    ("alwayseq", "defines __eq__"), ("patcher", "patches a library (_checks.check_equal"),
-])
-def test_faked_passes_are_overruled_by_the_trusted_check(batch, student, flag):
-    row = _row(batch, student)
+def test_faked_pass_is_overruled_by_the_trusted_check(batch):
+    row = _row(batch, "patcher")
     assert row["ex1_add_tests"] == "0" and row["score"] == str(MAX_SCORE - 1), row
-    flags = _flags(batch, student)
-    assert "trusted check overrules a pass in ex1_add_tests" in flags and flag in flags, flags
+    flags = _flags(batch, "patcher")
+    assert "trusted check overrules a pass in ex1_add_tests" in flags, flags
+    assert "patches a library (_checks.check_equal" in flags, flags
+
+
+def test_always_equal_object_scores_nothing(batch):
+    """Whether or not it fools the in-kernel test, the trusted check compares plain numbers."""
+    row = _row(batch, "alwayseq")
+    assert row["ex1_add_tests"] == "0" and row["score"] == str(MAX_SCORE - 1), row
+    assert "defines __eq__" in _flags(batch, "alwayseq")
 
 
 def test_suppressed_tracebacks_still_fail(batch):
