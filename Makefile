@@ -16,7 +16,7 @@ ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.setup-done
 
-.PHONY: setup lab test lint release release-check bench clean
+.PHONY: setup system-deps lab test e2e browser lint release release-check bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c 'import course_lib.data as d; print("setup ok:", len(d.shakespeare_works()), "corpus texts")'
 	@touch $@
 
+# Debian packages the tests need (bubblewrap for the grading sandbox, PostgreSQL for the gradebook
+# tests, Chromium for the browser tests); installs only what is missing, fails loudly otherwise.
+system-deps:
+	bash scripts/install_system_deps.sh
+
 lab: setup
 	cd chapters && ../$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) \
 		--ServerApp.root_dir=. --LabApp.default_url=/lab/tree/ch00_big_picture/ch00_big_picture.ipynb
@@ -41,12 +46,39 @@ lab: setup
 # tests/ holds the unit, grader and round-trip tests; --nbmake also runs every solution notebook.
 # A test that failed on a time limit is run once more: we have seen rare kernel message stalls
 # (an idle kernel, a client waiting for a reply) that a second run does not repeat.
-test: setup
+# The end-to-end tests (tests/e2e) run after, on their own: see the e2e target.
+test: setup system-deps browser
 	$(BIN)/ruff check .
 	COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n auto \
 		--nbmake --nbmake-timeout=300 \
 		--reruns 1 --only-rerun "timed out" --only-rerun "ran longer than" \
-		tests solutions $(PYTEST_ARGS)
+		--ignore=tests/e2e tests solutions $(PYTEST_ARGS)
+	$(E2E_PYTEST)
+
+# End-to-end tests: every chapter run and its widgets moved in JupyterLab in headless Chromium,
+# and nbgrader's Validate button. Serial (no xdist): one JupyterLab server serves the session.
+# Failure screenshots and logs go to build/e2e-screenshots/.
+E2E_ARGS   ?=
+E2E_PYTEST := $(BIN)/python -m pytest -p no:xdist tests/e2e $(E2E_ARGS)
+e2e: setup browser
+	$(E2E_PYTEST)
+
+# Debian's chromium for the end-to-end tests (Playwright drives it; never `playwright install`).
+# CHROMIUM=/path/to/chromium uses another one. No browser is an error, never a skipped test.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@if [ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 \
+			|| command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "Chromium is missing: installing Debian's chromium for the end-to-end tests"; \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q chromium fonts-dejavu-core \
+		|| { echo "ERROR: apt-get could not install chromium; the end-to-end tests cannot run." >&2; \
+		     exit 1; }; \
+	else \
+		echo "ERROR: Chromium is missing and there is no apt-get to install it. Install Chromium" \
+		     "and run again with CHROMIUM=/path/to/chromium." >&2; exit 1; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .

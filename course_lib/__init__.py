@@ -10,6 +10,13 @@ Small modules by topic:
 - :mod:`course_lib.checks`   — student-facing checks for visible tests, and ``forbidden`` for hidden ones
 - :mod:`course_lib.sizing`   — parameter, memory and compute arithmetic for models (chapter 0)
 - :mod:`course_lib.mlp`      — a two-layer MLP with hand-written backprop (chapter 1)
+- :mod:`course_lib.activations` — activations, their derivatives, deep-net gradient probes (chapter 2)
+- :mod:`course_lib.losses`   — regression and classification losses, stable cross-entropy (chapter 3)
+- :mod:`course_lib.optimizers` — SGD, momentum, Adagrad, RMSProp, Adam(W), schedules, clipping (chapter 4)
+- :mod:`course_lib.regularization` — dropout, batch/layer/RMS norm, initialisation, early stopping (chapter 5)
+- :mod:`course_lib.cnn`      — convolution as im2col, pooling, residual blocks, small CNNs (chapter 6)
+- :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
+  :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
 """
 
 from course_lib.device import autocast_dtype, describe_device, get_device, seed_everything
