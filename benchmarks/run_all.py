@@ -12,6 +12,7 @@ if __name__ == "__main__":
     mode = "quick" if "--quick-only" in sys.argv else "both"
     codes = [
         subprocess.call([sys.executable, str(HERE / "train_throughput.py")]),
+        subprocess.call([sys.executable, str(HERE / "lm_benchmark.py")]),
         subprocess.call([sys.executable, str(HERE / "chapter_times.py"), "--mode", mode]),
         subprocess.call([sys.executable, str(HERE / "grading_throughput.py")]),
     ]
