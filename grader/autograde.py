@@ -352,7 +352,7 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
     limits = sandbox.Limits(**{**limits.__dict__,
                                "cpu_seconds": int(notebook_timeout * threads * 2 + 60)})
     settings = Settings(notebook_timeout, env, use_sandbox, limits, checks)
-    for slot in range(jobs):
+    for slot in sandbox.reserve_slots(jobs) if use_sandbox else range(jobs):
         settings.slots.put(slot)
     bar = tqdm(total=len(todo), desc=f"grading {chapter}", disable=not progress, unit="nb")
 
