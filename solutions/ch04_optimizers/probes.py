@@ -1,0 +1,251 @@
+"""Trusted checks for chapter 4 (see grader/probes.py): each exercise again, on secret inputs."""
+
+import torch
+
+from course_lib import optimizers as ref
+from grader.probes import Probe, as_tensors
+
+F32, F64 = torch.float32, torch.float64
+SHAPES = [(4, 6), (6,), (6, 3), (3,)]  # W1, b1, W2, b2 of a small network
+STEPS = 30
+
+
+def _uniform(g, low, high, n=()):
+    return low + (high - low) * torch.rand(n, generator=g, dtype=F64)
+
+
+def _log_uniform(g, low_exp, high_exp, n=()):
+    return 10 ** _uniform(g, low_exp, high_exp, n)
+
+
+def _int(g, low, high):
+    return int(torch.randint(low, high, (1,), generator=g))
+
+
+def _close(want, got, rtol, rel_atol):
+    """Why ``got`` differs from ``want`` (each key with an atol relative to its own scale), or None."""
+    if set(got) != set(want):
+        return f"returned {sorted(got)}, expected {sorted(want)}"
+    for key, w in want.items():
+        g = got[key]
+        if tuple(g.shape) != tuple(w.shape):
+            return f"{key}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        g64, w64 = g.to(F64), w.to(F64)
+        if not torch.isfinite(g64).all():
+            return f"{key}: values that are not finite"
+        atol = rel_atol * (w64.abs().max().item() if w64.numel() else 0.0)
+        if not torch.allclose(g64, w64, rtol=rtol, atol=atol):
+            worst = (g64 - w64).abs().max().item()
+            return f"{key}: differs from the reference (max abs difference {worst:.3g})"
+    return None
+
+
+# -- exercises 1 and 2: the optimizers, driven through a run a real training loop would make -----
+
+
+def _run_inputs(g, grad_scales):
+    """Starting parameters, 30 steps of gradients, a changing lr, late-joining parameters, a reload
+    from state_dict() and one last step through a closure."""
+    x = {f"p{i}": torch.randn(s, generator=g, dtype=F64) for i, s in enumerate(SHAPES)}
+    for i, (s, scale) in enumerate(zip(SHAPES, grad_scales, strict=True)):
+        x[f"grad{i}"] = scale * torch.randn(STEPS, *s, generator=g, dtype=F64)
+        x[f"cgrad{i}"] = scale * torch.randn(s, generator=g, dtype=F64)
+    x["lr_factor"] = _uniform(g, 0.2, 1.5, STEPS)
+    x["reload_at"] = torch.tensor(_int(g, 5, 26))
+    x["closure_loss"] = _uniform(g, 0.1, 10.0)
+    return x
+
+
+def _drive(make, x, idle):
+    """The parameters after every step of ``make(params)`` on the run ``x`` describes, and the loss
+    its step(closure) returned. ``idle[i]``: parameter i has no gradient for its first steps."""
+    params = [x[f"p{i}"].clone().requires_grad_(True) for i in range(len(SHAPES))]
+    opt = make(params)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    for step in range(STEPS):
+        if step == int(x["reload_at"]):
+            saved = opt.state_dict()
+            opt = make(params)
+            opt.load_state_dict(saved)
+        for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = lr * float(x["lr_factor"][step])
+        for i, p in enumerate(params):
+            p.grad = None if step < idle[i] else x[f"grad{i}"][step].clone()
+        opt.step()
+
+    def closure():
+        for i, p in enumerate(params):
+            p.grad = x[f"cgrad{i}"].clone()
+        return x["closure_loss"].clone()
+
+    loss = opt.step(closure)
+    out = {f"p{i}": p.detach().clone() for i, p in enumerate(params)}
+    out["closure_loss"] = loss
+    return out
+
+
+def _sgd_inputs(g):
+    x = _run_inputs(g, _log_uniform(g, -1, 1, 4).tolist())
+    # lr, momentum (group 0), lr and momentum of the Nesterov group, weight decay (all groups)
+    x["hyper"] = torch.stack([_uniform(g, 0.01, 0.1), _uniform(g, 0.5, 0.95), _uniform(g, 0.01, 0.1),
+                              _uniform(g, 0.5, 0.95), _uniform(g, 0.01, 0.2)])
+    x["idle"] = torch.tensor([_int(g, 1, 9), 0, 0, _int(g, 1, 16)])  # W1 (momentum), b2 (none)
+    return x
+
+
+def _sgd(cls, x):
+    lr, mu, nesterov_lr, nesterov_mu, wd = x["hyper"].tolist()
+
+    def make(ps):
+        return cls([{"params": ps[:1]},
+                    {"params": ps[1:3], "lr": nesterov_lr, "momentum": nesterov_mu, "nesterov": True},
+                    {"params": ps[3:], "momentum": 0.0}],
+                   lr=lr, momentum=mu, weight_decay=wd)
+
+    return _drive(make, x, x["idle"].tolist())
+
+
+def _adam_inputs(g):
+    # W1's gradients are tiny (where eps matters), the others of ordinary sizes.
+    x = _run_inputs(g, [float(_log_uniform(g, -9, -7))] + _log_uniform(g, -1, 1, 3).tolist())
+    # lr, beta1, beta2, eps, weight decay: the defaults (row 0) and the override of group 1 (row 1)
+    x["hyper"] = torch.stack([
+        torch.stack([_uniform(g, 0.005, 0.05), _uniform(g, 0.0, 0.95), _uniform(g, 0.9, 0.999),
+                     _log_uniform(g, -9, -7), _uniform(g, 0.01, 0.2)]),
+        torch.stack([_uniform(g, 0.005, 0.05), _uniform(g, 0.5, 0.9), _uniform(g, 0.9, 0.99),
+                     _log_uniform(g, -3, -1), _uniform(g, 0.01, 0.2)]),
+    ])
+    x["idle"] = torch.tensor([_int(g, 1, 9), _int(g, 1, 16), 0, 0])  # W1 and b1 join late
+    return x
+
+
+def _adam(cls, x):
+    (lr, b1, b2, eps, wd), (lr1, b11, b21, eps1, wd1) = x["hyper"].tolist()
+    out = {}
+    # Adam with L2 weight decay, two parameters joining late; AdamW (decoupled), all from the start.
+    for name, decoupled, idle in [("adam", False, x["idle"].tolist()), ("adamw", True, [0] * 4)]:
+        def make(ps, decoupled=decoupled):
+            return cls([{"params": ps[:1]},
+                        {"params": ps[1:3], "lr": lr1, "betas": (b11, b21), "eps": eps1,
+                         "weight_decay": wd1},
+                        {"params": ps[3:]}],
+                       lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, decoupled_weight_decay=decoupled)
+
+        out.update({f"{name}_{k}": v for k, v in _drive(make, x, idle).items()})
+    return out
+
+
+# -- exercise 3: warmup_cosine_lr ---------------------------------------------------------------
+
+
+def _schedule_inputs(g):
+    settings = []
+    for i in range(8):
+        warmup = 0 if i == 0 else _int(g, 1, 61)
+        total = warmup + (1 if i == 1 else _int(g, 1, 301))
+        base = float(_log_uniform(g, -5, 0.5))
+        low = 0.0 if i == 2 else base * float(_uniform(g, 0.0, 0.5))
+        settings.append([base, warmup, total, low])
+    total = _int(g, 1, 50)
+    invalid = [[-_int(g, 1, 5), 1.0, 0, 10],              # a negative step
+               [0, 1.0, total, total],                    # warmup_steps == total_steps
+               [0, 1.0, total + _int(g, 1, 10), total],   # warmup_steps > total_steps
+               [_int(g, 0, 5), 1.0, -_int(g, 1, 5), 10]]  # negative warmup_steps
+    return {"settings": torch.tensor(settings, dtype=F64), "invalid": torch.tensor(invalid, dtype=F64)}
+
+
+def _schedules(f, x):
+    lrs, is_float = [], []
+    for base, warmup, total, low in x["settings"].tolist():
+        for step in range(int(total) + 11):
+            lr = f(step, base, int(warmup), int(total), low)
+            is_float.append(float(isinstance(lr, float)))
+            lrs.append(float(lr))
+    return torch.tensor(lrs, dtype=F64), torch.tensor(is_float, dtype=F64)
+
+
+def _schedule_run(ns, x):
+    lrs, is_float = _schedules(ns["warmup_cosine_lr"], x)
+    raised = []
+    for step, base, warmup, total in x["invalid"].tolist():
+        try:
+            ns["warmup_cosine_lr"](int(step), base, int(warmup), int(total))
+            raised.append(0.0)
+        except ValueError:
+            raised.append(1.0)
+    return {"lr": lrs, "is_float": is_float, "raised": torch.tensor(raised, dtype=F64)}
+
+
+def _schedule_expected(x):
+    lrs, is_float = _schedules(ref.warmup_cosine_lr, x)
+    return {"lr": lrs, "is_float": torch.ones_like(is_float),
+            "raised": torch.ones(len(x["invalid"]), dtype=F64)}
+
+
+# -- exercise 4: clip_grad_norm_ ----------------------------------------------------------------
+
+# (dtype, scale of the gradients, max_norm, how the tensors are passed)
+CLIP_CASES = [(F64, 1.0, 0.5, "generator"), (F32, 1e3, 1.0, "list"), (F64, 1e-3, 1.0, "list"),
+              (F32, 1e-4, 1e-5, "list"), (F64, 1.0, 1.5, "tensor"), (F64, 1.0, 1.0, "no gradient")]
+
+
+def _clip_inputs(g):
+    x = {}
+    for c, (dtype, scale, max_norm, how) in enumerate(CLIP_CASES):
+        n = 1 if how == "tensor" else 0 if how == "no gradient" else _int(g, 2, 5)
+        for i in range(n):
+            shape = torch.randint(1, 9, (_int(g, 1, 3),), generator=g).tolist()
+            x[f"c{c}_g{i}"] = (scale * torch.randn(shape, generator=g, dtype=F64)).to(dtype)
+        x[f"c{c}_max"] = max_norm * _uniform(g, 0.5, 2.0)
+    return x
+
+
+def _clip(f, x):
+    out = {}
+    for c, (dtype, _, _, how) in enumerate(CLIP_CASES):
+        grads = [x[k] for k in sorted(x) if k.startswith(f"c{c}_g")]
+        leaves = [torch.zeros_like(gr, requires_grad=True) for gr in grads]
+        for leaf, gr in zip(leaves, grads, strict=True):
+            leaf.grad = gr.clone()
+        unused = torch.zeros(3, dtype=dtype, requires_grad=True)  # .grad is None: skipped
+        params = leaves[0] if how == "tensor" else [unused] if how == "no gradient" else [*leaves, unused]
+        if how == "generator":
+            params = (p for p in params)
+        out[f"c{c}_norm"] = f(params, float(x[f"c{c}_max"]))
+        out.update({f"c{c}_grad{i}": leaf.grad for i, leaf in enumerate(leaves)})
+        out[f"c{c}_unused_has_grad"] = float(unused.grad is not None)
+    return out
+
+
+def _clip_check(x, got):
+    return _close(as_tensors(_clip(ref.clip_grad_norm_, x)), got, rtol=1e-5, rel_atol=1e-6)
+
+
+PROBES = [
+    Probe(
+        "ex1_sgd_tests",
+        inputs=_sgd_inputs,
+        run=lambda ns, x: _sgd(ns["SGD"], x),
+        expected=lambda x: _sgd(ref.SGD, x),
+        rtol=1e-8,
+        atol=1e-10,
+    ),
+    Probe(
+        "ex2_adam_tests",
+        inputs=_adam_inputs,
+        run=lambda ns, x: _adam(ns["Adam"], x),
+        expected=lambda x: _adam(ref.Adam, x),
+        rtol=1e-8,
+        atol=1e-10,
+    ),
+    Probe(
+        "ex3_warmup_cosine_tests",
+        inputs=_schedule_inputs,
+        run=_schedule_run,
+        expected=_schedule_expected,
+        rtol=1e-9,
+        atol=1e-14,
+    ),
+    Probe("ex4_clip_grad_norm_tests", inputs=_clip_inputs, run=lambda ns, x: _clip(ns["clip_grad_norm_"], x),
+          check=_clip_check),
+]
