@@ -49,8 +49,10 @@ def graded(chapter: str, base: Path) -> dict:
     solutions, tests = cells_by_role(source)
     subs = base / "submissions"
     expected: dict[str, set[str]] = {"solution": set(), "blank": set(tests)}
+    # The solution as a student would hand it in: the release with every answer filled (the
+    # source notebook itself holds hidden tests, so its locked cells differ from the release).
     (subs / "solution").mkdir(parents=True)
-    shutil.copy(REPO / "solutions" / chapter / f"{chapter}.ipynb", subs / "solution")
+    nbformat.write(fill_answers(release, solutions), str(subs / "solution" / f"{chapter}.ipynb"))
     (subs / "blank").mkdir()
     shutil.copy(REPO / "chapters" / chapter / f"{chapter}.ipynb", subs / "blank")
     for i, wrong in enumerate(wrong_answers(chapter), start=1):
@@ -98,6 +100,8 @@ def test_round_trip(chapter, tmp_path_factory):
         want_total = sum(p for t, p in tests.items() if t not in fails)
         if float(row["score"]) != want_total:
             problems.append(f"{student}: total {row['score']}, expected {want_total:g}")
+        if student == "solution" and row["flags"]:
+            problems.append(f"{student}: flagged {row['flags']!r}, expected no flags")
     names = {f"wrong{i}": w["name"] for i, w in enumerate(wrong_answers(chapter), start=1)}
     assert not problems, "\n".join(f"{p} ({names.get(p.split(':')[0], '')})" for p in problems)
 
