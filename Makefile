@@ -46,13 +46,16 @@ lab: setup
 # tests/ holds the unit, grader and round-trip tests; --nbmake also runs every solution notebook.
 # A test that failed on a time limit is run once more: we have seen rare kernel message stalls
 # (an idle kernel, a client waiting for a reply) that a second run does not repeat.
-# The end-to-end browser tests (tests/e2e) run on their own: see the e2e target.
+# One math thread per test process: xdist already runs one process per core, and two threads per
+# process on a busy 2-core machine made small-tensor notebooks many times slower.
+# The end-to-end browser tests (tests/e2e) run after, serially, on their own: see the e2e target.
 test: setup system-deps
 	$(BIN)/ruff check .
-	COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n auto \
+	COURSE_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n auto \
 		--nbmake --nbmake-timeout=300 \
 		--reruns 1 --only-rerun "timed out" --only-rerun "ran longer than" \
 		--ignore=tests/e2e tests solutions $(PYTEST_ARGS)
+	$(E2E_PYTEST)
 
 # End-to-end tests: every chapter run and its widgets moved in JupyterLab in headless Chromium,
 # and nbgrader's Validate button. Serial (no xdist): one JupyterLab server serves the session.
