@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,21 +165,55 @@ def run_in_kernel(namespace: dict[str, Any], probes_path: str, inputs_text: str)
 # -- in the grader ------------------------------------------------------------------------------
 
 
-def _compare(got: Tensors, want: Tensors, rtol: float, atol: float) -> str | None:
+def compare_outputs(want: Tensors, got: Tensors, tolerances: dict[str, tuple[float, float]] | None = None,
+                    default: tuple[float, float] = (1e-9, 1e-12), *, normwise: bool = False,
+                    same_dtype: str | None = "out") -> str | None:
+    """Why ``got`` differs from the reference outputs ``want``, or None when it agrees.
+
+    Per key, compared in float64: the same keys and shapes; the same dtype for keys starting with
+    ``same_dtype``; NaN and infinities exactly where the reference has them; finite values within
+    ``tolerances[key]`` (else ``default``), an (rtol, atol) pair: elementwise
+    ``|got - want| <= atol + rtol * |want|``, or with ``normwise`` against the largest |want|
+    (for sums of many terms whose small entries carry the rounding of the large ones).
+    """
+    tolerances = tolerances or {}
     if set(got) != set(want):
         return f"returned {sorted(got)}, expected {sorted(want)}"
-    for key in want:
-        g, w = got[key], want[key]
+    for key, w in want.items():
+        g = got[key]
         if tuple(g.shape) != tuple(w.shape):
             return f"{key}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        if same_dtype is not None and key.startswith(same_dtype) and g.dtype != w.dtype:
+            return f"{key}: dtype {g.dtype}, expected {w.dtype}"
         g64, w64 = g.to(torch.float64), w.to(torch.float64)
         if not torch.equal(torch.isnan(g64), torch.isnan(w64)):
             return f"{key}: NaN where the reference has none (or the reverse)"
-        mask = ~torch.isnan(w64)
-        if not torch.allclose(g64[mask], w64[mask], rtol=rtol, atol=atol):
-            worst = (g64[mask] - w64[mask]).abs().max().item() if mask.any() else math.nan
-            return f"{key}: differs from the reference (max abs difference {worst:.3g})"
+        infinite = torch.isinf(w64)
+        if not torch.equal(g64[infinite], w64[infinite]):
+            return f"{key}: infinite values differ from the reference"
+        finite = torch.isfinite(w64)
+        if not finite.any():
+            continue
+        g_fin, w_fin = g64[finite], w64[finite]
+        if not torch.isfinite(g_fin).all():
+            return f"{key}: values that are not finite where the reference's are"
+        rtol, atol = tolerances.get(key, default)
+        error = (g_fin - w_fin).abs()
+        scale = w_fin.abs().max() if normwise else w_fin.abs()
+        if (error > atol + rtol * scale).any():
+            return f"{key}: differs from the reference (max abs difference {error.max().item():.3g})"
     return None
+
+
+Tolerances = dict[str, tuple[float, float]]
+
+
+def checker(reference: Callable[[Tensors], Tensors], tolerances: Tolerances | None = None,
+            default: tuple[float, float] = (1e-9, 1e-12),
+            **options: Any) -> Callable[[Tensors, Tensors], str | None]:
+    """A ``Probe(check=...)`` that compares the outputs with ``reference(inputs)`` (see compare_outputs)."""
+    return lambda inputs, outputs: compare_outputs(as_tensors(reference(inputs)), outputs, tolerances,
+                                                   default, **options)
 
 
 def decide(probes: list[Probe], inputs: dict[str, Tensors], payload: dict | None) -> dict[str, Verdict]:
@@ -207,9 +240,8 @@ def decide(probes: list[Probe], inputs: dict[str, Tensors], payload: dict | None
             if probe.check is not None:
                 reason = probe.check(inputs[key], outputs[key])
             else:
-                reason = _compare(
-                    outputs[key], as_tensors(probe.expected(inputs[key])), probe.rtol, probe.atol
-                )
+                reason = compare_outputs(as_tensors(probe.expected(inputs[key])), outputs[key],
+                                         default=(probe.rtol, probe.atol), same_dtype=None)
         except Exception as error:  # noqa: BLE001 - e.g. outputs of the wrong dtype
             reason = f"could not be checked ({type(error).__name__}: {error})"
         verdicts[probe.test_cell] = Verdict(reason is None, reason or "")

@@ -13,6 +13,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from grader import probes as P
 from tests.grading_helpers import REPO
@@ -97,3 +98,37 @@ def test_wrong_answers_never_pass_where_they_should_fail_everywhere(chapter):
         caught += any(not result[k].passed for k in case["fails"])
     # Most wrong answers must also be caught outside the kernel (the rest by hidden tests).
     assert caught >= len(module.WRONG_ANSWERS) // 2, f"probes caught only {caught} wrong answers"
+
+
+# -- the shared comparison the grader and the chapters' checks use -------------------------------
+
+
+def _t(*values, dtype=None):
+    return torch.tensor(values, dtype=dtype or torch.float64)
+
+
+def test_compare_outputs_accepts_agreement_within_tolerance():
+    want = {"out": _t(1.0, -2.0, float("nan"), float("inf")), "aux": _t(1e3)}
+    got = {"out": _t(1.0 + 1e-10, -2.0, float("nan"), float("inf")), "aux": _t(1e3 + 1e-4)}
+    assert P.compare_outputs(want, got, {"aux": (1e-6, 0)}, (1e-9, 1e-12)) is None
+
+
+@pytest.mark.parametrize("got, reason", [
+    ({"out": _t(1.0, 2.0)}, "returned"),  # a missing key
+    ({"out": _t(1.0, 2.0), "aux": _t(1.0, 2.0, 3.0)}, "shape"),
+    ({"out": _t(1.0, 2.0, dtype=torch.float32), "aux": _t(0.0, 0.0)}, "dtype"),
+    ({"out": _t(1.0, float("nan")), "aux": _t(0.0, 0.0)}, "NaN"),
+    ({"out": _t(1.0, 2.0), "aux": _t(float("inf"), 0.0)}, "not finite"),
+    ({"out": _t(1.0, 2.001), "aux": _t(0.0, 0.0)}, "max abs difference 0.001"),
+])
+def test_compare_outputs_names_what_differs(got, reason):
+    want = {"out": _t(1.0, 2.0), "aux": _t(0.0, 0.0)}
+    found = P.compare_outputs(want, got, default=(1e-6, 1e-9))
+    assert found is not None and reason in found, found
+
+
+def test_compare_outputs_infinities_and_normwise():
+    assert "infinite" in P.compare_outputs({"x": _t(float("inf"))}, {"x": _t(-float("inf"))})
+    want, got = {"x": _t(1000.0, 1e-6)}, {"x": _t(1000.0, 2e-6)}
+    assert P.compare_outputs(want, got, default=(1e-6, 0)) is not None  # elementwise: too far
+    assert P.compare_outputs(want, got, default=(1e-6, 0), normwise=True) is None  # 1e-6 * 1000

@@ -5,7 +5,7 @@ import math
 import torch
 
 from course_lib import regularization as ref
-from grader.probes import Probe
+from grader.probes import Probe, compare_outputs
 
 F32, F64 = torch.float32, torch.float64
 
@@ -20,28 +20,6 @@ def _seeds(g, n):
 
 def _gen(seed):
     return torch.Generator().manual_seed(int(seed))
-
-
-def _compare(want, got, tolerances, default):
-    """Why ``got`` differs from ``want`` (``tolerances[key]`` or ``default``: (rtol, atol)), or None.
-    Keys starting with ``out`` must also keep the reference's dtype."""
-    if set(got) != set(want):
-        return f"returned {sorted(got)}, expected {sorted(want)}"
-    for key, w in want.items():
-        g = got[key]
-        if tuple(g.shape) != tuple(w.shape):
-            return f"{key}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
-        if key.startswith("out") and g.dtype != w.dtype:
-            return f"{key}: dtype {g.dtype}, expected {w.dtype}"
-        g64, w64 = g.to(F64), w.to(F64)
-        if not torch.equal(torch.isnan(g64), torch.isnan(w64)):
-            return f"{key}: NaN where the reference has none (or the reverse)"
-        mask = ~torch.isnan(w64)
-        rtol, atol = tolerances.get(key, default)
-        if not torch.allclose(g64[mask], w64[mask], rtol=rtol, atol=atol):
-            worst = (g64[mask] - w64[mask]).abs().max().item()
-            return f"{key}: differs from the reference (max abs difference {worst:.3g})"
-    return None
 
 
 def _grads(f, tensors, up):
@@ -282,7 +260,7 @@ def _bn_check(x, out):
     want = _bn_all(ref.batch_norm, {k: v.double() if k == "big" else v for k, v in x.items()})
     want["out_big"], want["rv_big"] = want["out_big"].float(), want["rv_big"].float()
     want["inputs_unchanged"] = torch.tensor(1.0, dtype=F64)
-    return _compare(want, out, {"out_big": (0, 1e-2), "rv_big": (0, 1e-2)}, (1e-9, 1e-10))
+    return compare_outputs(want, out, {"out_big": (0, 1e-2), "rv_big": (0, 1e-2)}, (1e-9, 1e-10))
 
 
 # -- exercise 5: layer normalization --------------------------------------------------------------
@@ -336,7 +314,7 @@ def _ln_check(x, out):
     want = _ln_all(ref.layer_norm, {k: v.double() if k == "big" else v for k, v in x.items()})
     want["out_big"] = want["out_big"].float()
     want["inputs_unchanged"] = torch.tensor(1.0, dtype=F64)
-    return _compare(want, out, {"out_big": (0, 1e-2)}, (1e-9, 1e-10))
+    return compare_outputs(want, out, {"out_big": (0, 1e-2)}, (1e-9, 1e-10))
 
 
 PROBES = [
