@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from course_lib import activations as ref
-from grader.probes import Probe
+from grader.probes import Probe, compare_outputs
 
 F32, F64 = torch.float32, torch.float64
 DERIVATIVES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -12,17 +12,9 @@ DERIVATIVES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
 def _compare(got, want, rtol, atol, what, dtype=None):
     """Why ``got`` is not ``want`` within the tolerances (compared in float64), or None."""
-    if tuple(got.shape) != tuple(want.shape):
-        return f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     if dtype is not None and got.dtype != dtype:
         return f"{what}: dtype {got.dtype}, expected {dtype}"
-    g64, w64 = got.to(F64), want.to(F64)
-    if not torch.isfinite(g64).all():
-        return f"{what}: values that are not finite"
-    if not torch.allclose(g64, w64, rtol=rtol, atol=atol):
-        worst = (g64 - w64).abs().max().item()
-        return f"{what}: differs from the reference (max abs difference {worst:.3g})"
-    return None
+    return compare_outputs({what: want}, {what: got}, default=(rtol, atol), same_dtype=None)
 
 
 def _first_failure(reasons):

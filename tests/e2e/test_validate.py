@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+import warnings
 
 import nbformat
 import pytest
@@ -21,7 +22,9 @@ from tests.e2e.notebook import LabNotebook
 
 # The lightest chapter: Validate runs the whole notebook, twice in this file.
 CHAPTER = "ch00_big_picture"
+# Above the per-cell limit of chapters/nbgrader_config.py (300 s), which ends a stalled cell.
 VALIDATE_TIMEOUT_S = 600
+STALL = "CellTimeoutError"
 
 
 def cells_with_role(nb: nbformat.NotebookNode, role: str) -> dict[str, tuple[int, str]]:
@@ -73,9 +76,19 @@ def answer_and_validate(page, lab_server, path: str, answers: dict[str, str]) ->
 
     button = page.locator(".jp-NotebookPanel-toolbar .validate-button")
     assert button.is_visible(), "nbgrader's Validate button is not in the notebook toolbar"
-    button.click()
     message = page.locator(".jp-Dialog #validation-message")
-    message.wait_for(timeout=VALIDATE_TIMEOUT_S * 1000)
+    for attempt in (1, 2):
+        button.click()
+        message.wait_for(timeout=VALIDATE_TIMEOUT_S * 1000)
+        # Rarely, the server's validation kernel sits idle while nbclient waits for a reply that
+        # never comes (seen once here, not reproduced in 10 validations outside the server); the cell
+        # then ends in CellTimeoutError after the per-cell limit. No answer here is slow, so that
+        # is the machine, not the verdict: press Validate once more.
+        if STALL not in message.inner_text() or attempt == 2:
+            break
+        warnings.warn(f"Validate stalled on the server ({STALL}); pressing it again", stacklevel=1)
+        page.keyboard.press("Escape")
+        message.wait_for(state="detached")
     sources_and_errors = [pre.inner_text() for pre in message.locator(".jp-RenderedText pre").all()]
     return {
         "classes": (message.get_attribute("class") or "").split(),
