@@ -24,6 +24,7 @@ from pathlib import Path
 
 from grader import GraderError, database
 from grader.course import compare_trees
+from grader.kernel_client import CLIENT_CLASS
 from grader.release import IGNORED_IN_RELEASE
 
 CONFIG_TEMPLATE = '''\
@@ -50,6 +51,8 @@ c.Execute.startup_timeout = 120
 # abandoning the whole notebook after 4 s (a loaded machine is slower than that).
 c.Execute.iopub_timeout = 30
 c.Execute.raise_on_iopub_timeout = False
+# nbclient can sleep through a kernel reply until the per-cell limit ends; see grader/kernel_client.py.
+c.AsyncKernelManager.client_class = {client_class!r}
 # A deleted test cell is put back and graded instead of silently scoring 0.
 c.OverwriteCells.add_missing_cells = True
 if os.environ.get("N2L_SANDBOX_PLAN"):
@@ -134,7 +137,7 @@ class Workspace:
         database.record_url(self.path, self.db_url)
         text = CONFIG_TEMPLATE.format(root=str(self.path), db_url=database.config_url(self.db_url),
                                       ignore=IGNORED_IN_RELEASE,
-                                      cell_timeout=int(cell_timeout))
+                                      cell_timeout=int(cell_timeout), client_class=CLIENT_CLASS)
         (self.path / "nbgrader_config.py").write_text(text)
 
     def nbgrader(self, *args: str, timeout: float | None = None, log: Path | None = None,

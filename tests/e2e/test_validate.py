@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
-import warnings
 
 import nbformat
 import pytest
@@ -22,9 +21,10 @@ from tests.e2e.notebook import LabNotebook
 
 # The lightest chapter: Validate runs the whole notebook, twice in this file.
 CHAPTER = "ch00_big_picture"
-# Above the per-cell limit of chapters/nbgrader_config.py (300 s), which ends a stalled cell.
-VALIDATE_TIMEOUT_S = 600
-STALL = "CellTimeoutError"
+# Below the 300 s per-cell limit of chapters/nbgrader_config.py on purpose: a kernel reply that
+# nbclient sleeps through only surfaces when that limit ends (grader/kernel_client.py), so a wait
+# shorter than the limit catches that bug. Validating ch00 takes under 30 s even on a busy machine.
+VALIDATE_TIMEOUT_S = 240
 
 
 def cells_with_role(nb: nbformat.NotebookNode, role: str) -> dict[str, tuple[int, str]]:
@@ -77,18 +77,8 @@ def answer_and_validate(page, lab_server, path: str, answers: dict[str, str]) ->
     button = page.locator(".jp-NotebookPanel-toolbar .validate-button")
     assert button.is_visible(), "nbgrader's Validate button is not in the notebook toolbar"
     message = page.locator(".jp-Dialog #validation-message")
-    for attempt in (1, 2):
-        button.click()
-        message.wait_for(timeout=VALIDATE_TIMEOUT_S * 1000)
-        # Rarely, the server's validation kernel sits idle while nbclient waits for a reply that
-        # never comes (seen once here, not reproduced in 10 validations outside the server); the cell
-        # then ends in CellTimeoutError after the per-cell limit. No answer here is slow, so that
-        # is the machine, not the verdict: press Validate once more.
-        if STALL not in message.inner_text() or attempt == 2:
-            break
-        warnings.warn(f"Validate stalled on the server ({STALL}); pressing it again", stacklevel=1)
-        page.keyboard.press("Escape")
-        message.wait_for(state="detached")
+    button.click()
+    message.wait_for(timeout=VALIDATE_TIMEOUT_S * 1000)
     sources_and_errors = [pre.inner_text() for pre in message.locator(".jp-RenderedText pre").all()]
     return {
         "classes": (message.get_attribute("class") or "").split(),
