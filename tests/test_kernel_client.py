@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import types
 from queue import Empty
 
 import pytest
@@ -17,42 +17,49 @@ from grader.kernel_client import CLIENT_CLASS, SlicedPollChannel, SlicedPollKern
 
 @pytest.fixture
 def polls(monkeypatch):
-    """Replace the real socket poll: record each poll's timeout; deliver a message on poll ``n``."""
-    record = {"timeouts": [], "deliver_on": None}
+    """Replace the socket poll and the clock: each poll records its timeout and lets that much
+    (fake) time pass; a message arrives on poll number ``deliver_on``."""
+    record = {"timeouts": [], "deliver_on": None, "now": 100.0}
 
     async def fake_get_msg(self, timeout=None):
         record["timeouts"].append(timeout)
         if record["deliver_on"] is not None and len(record["timeouts"]) >= record["deliver_on"]:
             return {"msg_type": "execute_reply"}
-        await asyncio.sleep(timeout)
+        record["now"] += timeout
         raise Empty
 
     monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", fake_get_msg)
-    monkeypatch.setattr(kernel_client, "POLL_SLICE_S", 0.05)
+    # Only this module's clock: asyncio's own must stay real.
+    monkeypatch.setattr(kernel_client, "time", types.SimpleNamespace(monotonic=lambda: record["now"]))
     return record
+
+
+def channel():
+    return SlicedPollChannel.__new__(SlicedPollChannel)  # no socket needed: the polls are faked
 
 
 def test_a_message_is_found_at_the_next_slice(polls):
     polls["deliver_on"] = 3
-    channel = SlicedPollChannel.__new__(SlicedPollChannel)  # no socket needed: polls are faked
-    msg = asyncio.run(channel.get_msg(timeout=10))
-    assert msg == {"msg_type": "execute_reply"}
-    assert polls["timeouts"][:2] == [0.05, 0.05]  # short polls, never one of 10 s
+    assert asyncio.run(channel().get_msg(timeout=10)) == {"msg_type": "execute_reply"}
+    assert polls["timeouts"] == [0.5, 0.5, 0.5]  # short polls, never one of 10 s
 
 
 def test_timeout_is_kept(polls):
-    channel = SlicedPollChannel.__new__(SlicedPollChannel)
-    start = time.monotonic()
     with pytest.raises(Empty):
-        asyncio.run(channel.get_msg(timeout=0.2))
-    assert 0.15 <= time.monotonic() - start < 2
-    assert all(t <= 0.05 for t in polls["timeouts"]) and len(polls["timeouts"]) >= 3
+        asyncio.run(channel().get_msg(timeout=1.2))
+    assert polls["timeouts"] == pytest.approx([0.5, 0.5, 0.2])
+    assert polls["now"] == pytest.approx(101.2)
+
+
+def test_no_timeout_waits_in_slices(polls):
+    polls["deliver_on"] = 5
+    asyncio.run(channel().get_msg(timeout=None))
+    assert polls["timeouts"] == [0.5] * 5
 
 
 def test_zero_timeout_polls_once(polls):
-    channel = SlicedPollChannel.__new__(SlicedPollChannel)
     with pytest.raises(Empty):
-        asyncio.run(channel.get_msg(timeout=0))
+        asyncio.run(channel().get_msg(timeout=0))
     assert polls["timeouts"] == [0]
 
 
