@@ -135,8 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpt2-batch", type=int, default=16, help="micro-batch of the 124M shape")
     parser.add_argument("--gpt2-accum", type=int, default=4)
     parser.add_argument("--no-eager", action="store_true", help="skip the eager (uncompiled) runs")
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled runs")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled runs")
     parser.add_argument("--gen-batch", type=int, default=1, help="sequences generated at once")
+    parser.add_argument("--shapes", nargs="+", choices=["gpt2-124m", "char-10m"],
+                        default=["gpt2-124m", "char-10m"], help="GPU training shapes to measure")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     args = parser.parse_args(argv)
     if args.threads:
@@ -145,15 +148,17 @@ def main(argv: list[str] | None = None) -> None:
     emit = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
 
     if device.type == "cuda":
-        compiled_modes = [True] if args.no_eager else [False, True]
+        compiled_modes = ([] if args.no_eager else [False]) + ([] if args.eager_only else [True])
         steps = args.steps or 30
         if args.only in (None, "train"):
             for compile_model in compiled_modes:
-                emit(bench_train("gpt2-124m", GPT2_124M, device, args.gpt2_batch, args.gpt2_accum,
-                                 compile_model, warmup_steps=10, timed_steps=steps,
-                                 compile_mode=args.compile_mode))
-                emit(bench_train("char-10m", CHAR_10M, device, 64, 1, compile_model,
-                                 warmup_steps=20, timed_steps=5 * steps, compile_mode=args.compile_mode))
+                if "gpt2-124m" in args.shapes:
+                    emit(bench_train("gpt2-124m", GPT2_124M, device, args.gpt2_batch, args.gpt2_accum,
+                                     compile_model, warmup_steps=10, timed_steps=steps,
+                                     compile_mode=args.compile_mode))
+                if "char-10m" in args.shapes:
+                    emit(bench_train("char-10m", CHAR_10M, device, 64, 1, compile_model, warmup_steps=20,
+                                     timed_steps=5 * steps, compile_mode=args.compile_mode))
         if args.only in (None, "generate"):
             for row in bench_generate("gpt2-124m", GPT2_124M, device, new_tokens=512, prompt_len=16,
                                       batch=args.gen_batch, modes=["none", "kv", "kv+compiled"]):
