@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -45,6 +46,12 @@ def random_data(vocab_size: int, n_tokens: int = 2_000_000, seed: int = 0) -> LM
     return LMData(CharTokenizer(["a"]), tokens, tokens[: n_tokens // 10])
 
 
+def attention_backend() -> str:
+    flags = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+             for name in ("flash", "cudnn", "mem_efficient", "math")}
+    return "auto" if all(flags.values()) else "+".join(k for k, v in flags.items() if v)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,7 +59,7 @@ def sync(device: torch.device) -> None:
 
 def bench_train(name: str, config: GPTConfig, device: torch.device, batch_size: int, grad_accum: int,
                 compile_model: bool, warmup_steps: int, timed_steps: int,
-                compile_mode: str = "default") -> dict:
+                compile_mode: str = "default", profile: bool = False) -> dict:
     torch.manual_seed(0)
     model = GPT(config)
     train = TrainConfig(max_steps=10**9, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=10,
@@ -72,6 +79,8 @@ def bench_train(name: str, config: GPTConfig, device: torch.device, batch_size: 
     sync(device)
     seconds = time.perf_counter() - start
     tokens_per_s = timed_steps * trainer.tokens_per_step / seconds
+    if profile:
+        print_profile(trainer, device, name)
     result = {
         "bench": "lm_train", "shape": name, "device": describe_device(device),
         "compiled": compile_model, "compile_mode": compile_mode if compile_model else None,
@@ -82,6 +91,7 @@ def bench_train(name: str, config: GPTConfig, device: torch.device, batch_size: 
         "flops_per_token": model.flops_per_token(), "mfu": trainer.mfu(tokens_per_s),
         "peak_flops": peak_bf16_flops(device), "warmup_s": round(warmup_s, 1),
         "final_loss": round(float(loss), 3), "torch": torch.__version__,
+        "attention_backend": attention_backend(),
     }
     if result["mfu"] is not None:
         result["mfu"] = round(result["mfu"], 4)
@@ -92,6 +102,28 @@ def bench_train(name: str, config: GPTConfig, device: torch.device, batch_size: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def print_profile(trainer: Trainer, device: torch.device, name: str, steps: int = 3) -> None:
+    """Where a training step's time goes: the kernels that take the most GPU time, and how busy
+    the GPU was (kernel time over wall time; well under 1 means the CPU cannot keep it fed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        sync(device)
+        wall = time.perf_counter() - start
+    trainer._pending_losses.clear()
+    events = prof.key_averages()
+    kernel_us = sum(e.device_time_total for e in events if e.device_type.name == "CUDA")
+    print(f"# profile {name}: {1000 * wall / steps:.1f} ms a step, GPU kernels "
+          f"{kernel_us / 1000 / steps:.1f} ms a step (busy {kernel_us / 1e6 / wall:.0%})", file=sys.stderr)
+    print(events.table(sort_by="device_time_total", row_limit=15, max_name_column_width=70),
+          file=sys.stderr)
 
 
 def bench_generate(name: str, config: GPTConfig, device: torch.device, new_tokens: int,
@@ -141,10 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=["gpt2-124m", "char-10m"],
                         default=["gpt2-124m", "char-10m"], help="GPU training shapes to measure")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--char-batch", type=int, default=64, help="batch of the 10M character shape")
+    parser.add_argument("--attention-backend", default="auto",
+                        choices=["auto", "flash", "cudnn", "efficient"],
+                        help="restrict F.scaled_dot_product_attention to one kernel family")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
+    if args.attention_backend != "auto":
+        for backend in ("flash", "cudnn", "mem_efficient", "math"):
+            enabled = backend == args.attention_backend or (backend == "mem_efficient"
+                                                            and args.attention_backend == "efficient")
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(enabled)
     emit = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
 
     if device.type == "cuda":
@@ -155,10 +197,11 @@ def main(argv: list[str] | None = None) -> None:
                 if "gpt2-124m" in args.shapes:
                     emit(bench_train("gpt2-124m", GPT2_124M, device, args.gpt2_batch, args.gpt2_accum,
                                      compile_model, warmup_steps=10, timed_steps=steps,
-                                     compile_mode=args.compile_mode))
+                                     compile_mode=args.compile_mode, profile=args.profile))
                 if "char-10m" in args.shapes:
-                    emit(bench_train("char-10m", CHAR_10M, device, 64, 1, compile_model, warmup_steps=20,
-                                     timed_steps=5 * steps, compile_mode=args.compile_mode))
+                    emit(bench_train("char-10m", CHAR_10M, device, args.char_batch, 1, compile_model,
+                                     warmup_steps=20, timed_steps=5 * steps,
+                                     compile_mode=args.compile_mode, profile=args.profile))
         if args.only in (None, "generate"):
             for row in bench_generate("gpt2-124m", GPT2_124M, device, new_tokens=512, prompt_len=16,
                                       batch=args.gen_batch, modes=["none", "kv", "kv+compiled"]):
@@ -167,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or 10
         if args.only in (None, "train"):
             emit(bench_train("cpu-small", CPU_SMALL, device, 16, 1, False, warmup_steps=3,
-                             timed_steps=steps))
+                             timed_steps=steps, profile=args.profile))
         if args.only in (None, "generate"):
             for row in bench_generate("cpu-generate", CPU_GENERATE, device, new_tokens=256,
                                       prompt_len=16, batch=args.gen_batch, modes=["none", "kv"]):

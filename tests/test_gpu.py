@@ -56,7 +56,7 @@ def test_greedy_generation_same_with_and_without_cache_and_compiled():
 def test_trainer_uses_bf16_and_fused_adamw_and_learns():
     torch.manual_seed(0)
     model = GPT(SMALL)
-    config = TrainConfig(max_steps=1, batch_size=8, warmup_steps=1)
+    config = TrainConfig(max_steps=150, batch_size=8, lr=3e-3, warmup_steps=10)
     trainer = Trainer(model, random_data(), config, device=CUDA)
     assert trainer.dtype == torch.bfloat16
     assert trainer.optimizer.defaults.get("fused") is True
