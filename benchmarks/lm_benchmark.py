@@ -122,7 +122,7 @@ def print_profile(trainer: Trainer, device: torch.device, name: str, steps: int 
     kernel_us = sum(e.device_time_total for e in events if e.device_type.name == "CUDA")
     print(f"# profile {name}: {1000 * wall / steps:.1f} ms a step, GPU kernels "
           f"{kernel_us / 1000 / steps:.1f} ms a step (busy {kernel_us / 1e6 / wall:.0%})", file=sys.stderr)
-    print(events.table(sort_by="device_time_total", row_limit=15, max_name_column_width=70),
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70),
           file=sys.stderr)
 
 
