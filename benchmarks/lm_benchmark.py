@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled runs")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled runs")
     parser.add_argument("--gen-batch", type=int, default=1, help="sequences generated at once")
+    parser.add_argument("--gen-modes", nargs="+", choices=["none", "kv", "kv+compiled"],
+                        default=["none", "kv", "kv+compiled"], help="generation modes (GPU)")
     parser.add_argument("--shapes", nargs="+", choices=["gpt2-124m", "char-10m"],
                         default=["gpt2-124m", "char-10m"], help="GPU training shapes to measure")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                                      compile_mode=args.compile_mode, profile=args.profile))
         if args.only in (None, "generate"):
             for row in bench_generate("gpt2-124m", GPT2_124M, device, new_tokens=512, prompt_len=16,
-                                      batch=args.gen_batch, modes=["none", "kv", "kv+compiled"]):
+                                      batch=args.gen_batch, modes=args.gen_modes):
                 emit(row)
     else:
         steps = args.steps or 10
