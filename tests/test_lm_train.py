@@ -247,6 +247,27 @@ def test_missing_pretrained_checkpoint_says_what_to_do(tmp_path, monkeypatch):
         load_pretrained()
 
 
+def test_shipped_checkpoint_loads_and_models_held_out_text():
+    """The checkpoint in the repository (scripts/pretrain_gpt.py --preset gpu): small enough to
+    ship, loads on the CPU, and predicts text from works it never saw far better than chance."""
+    folder = lm_train.PRETRAINED_ROOT / lm_train.PRETRAINED_NAME
+    assert (folder / lm_train.WEIGHTS_FILE).stat().st_size <= 25 * 1024 * 1024
+    model, tokenizer, metrics = load_pretrained(device="cpu")
+    assert model.config.to_dict() == metrics["model"]
+    assert metrics["val_loss"] < 4.0 and "scripts/pretrain_gpt.py --preset gpu" in metrics["command"]
+    # A held-out passage (Romeo and Juliet is one of the validation works; see metrics.json).
+    text = ("ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet "
+            "is the sun.\nArise, fair sun, and kill the envious moon,\n")
+    ids = torch.tensor([tokenizer.encode(text)])
+    assert tokenizer.decode(ids[0].tolist()) == text
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    uniform = math.log(tokenizer.vocab_size)  # 7.6 nats: a model that learned nothing
+    assert loss.item() < 0.65 * uniform, loss.item()
+    sample = model.generate(ids[:, :8], 40, temperature=0.8, top_k=50,
+                            generator=torch.Generator().manual_seed(0))
+    assert sample.shape == (1, 48) and sample.max() < tokenizer.vocab_size
+
+
 def test_history_serialises():
     history = LMHistory(step_loss=[3.0, 2.5], lr=[1e-3, 1e-3], eval_step=[2], train_loss=[2.4],
                         val_loss=[2.6], tokens_seen=[64], elapsed_s=[0.5], tokens_per_s=[128.0])
