@@ -15,15 +15,6 @@ from course_lib.data import load_digits
 F64 = torch.float64
 
 
-@pytest.fixture
-def one_thread():
-    """Train on one thread: beside other pytest workers, two threads per process wait on each
-    other for most of every small convolution."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- shapes ----------------------------------------------------------------------------------
 
@@ -228,7 +219,7 @@ def test_projection_shortcut_in_eval_mode():
     torch.testing.assert_close(block(x), expected, atol=1e-12, rtol=1e-12)
 
 
-def test_deep_plain_stack_spreads_its_gradient_norms_more_than_a_residual_one(one_thread):
+def test_deep_plain_stack_spreads_its_gradient_norms_more_than_a_residual_one(one_torch_thread):
     torch.manual_seed(0)
     digits = load_digits()
     x, y = cnn.as_images(digits.train.x[:128]), digits.train.y[:128]
@@ -295,7 +286,7 @@ def test_random_shift_moves_each_image_by_at_most_max_shift():
     torch.testing.assert_close(shifted.sum(), x.sum())  # nothing fell off the edge
 
 
-def test_full_recipe_reaches_97_percent_on_the_digits_test_split(one_thread):
+def test_full_recipe_reaches_97_percent_on_the_digits_test_split(one_torch_thread):
     digits = load_digits()
     torch.manual_seed(0)
     model = cnn.DigitsCNN(32)

@@ -36,12 +36,7 @@ from course_lib.tokenizers import CharTokenizer
 VOCAB = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT:

@@ -17,14 +17,7 @@ from course_lib.checks import CheckFailed
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # These tests run thousands of tiny steps: a second intra-op thread only adds a wake-up per
-    # operation, which costs ten times the work itself when the cores are shared (measured).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- landscapes --------------------------------------------------------------------------------
 

@@ -6,14 +6,7 @@ from torch import nn
 
 from course_lib.training import History, accuracy, batches, evaluate, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _separable(n=200, seed=0):
