@@ -1,0 +1,203 @@
+"""Trusted checks for chapter 7 (see grader/probes.py): each exercise again, on secret inputs.
+
+Sizes travel as small integer tensors (``cfg*``) drawn from the generator, so a student cannot
+tune an answer to a fixed case.
+"""
+
+import math
+
+import torch
+
+from course_lib import embeddings as ref
+from grader.probes import Probe, checker
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _randint(g, low, high):
+    """One integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=g))
+
+
+def _scale(g, low, high):
+    """A log-uniform scale in [low, high]."""
+    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(1, generator=g)))
+
+
+# -- exercise 1: the skip-gram negative-sampling loss ---------------------------------------------
+
+SGNS_CASES = 4  # the last one in float32 with huge dot products
+
+
+def _sgns_inputs(g):
+    x = {}
+    for i in range(SGNS_CASES):
+        b, k, d = _randint(g, 1, 40), _randint(g, 1, 12), _randint(g, 1, 24)
+        dtype, scale = (F32, _scale(g, 20, 60)) if i == SGNS_CASES - 1 else (F64, _scale(g, 0.05, 5))
+        x[f"c{i}"] = scale * torch.randn(b, d, generator=g, dtype=dtype)
+        x[f"o{i}"] = scale * torch.randn(b, d, generator=g, dtype=dtype)
+        x[f"n{i}"] = scale * torch.randn(b, k, d, generator=g, dtype=dtype)
+    return x
+
+
+def _sgns_outputs(loss_fn, x):
+    out = {}
+    for i in range(SGNS_CASES):
+        leaves = [x[f"{name}{i}"].clone().requires_grad_(True) for name in "con"]
+        loss = loss_fn(*leaves)
+        out[f"out{i}"] = loss.detach()
+        for name, grad in zip("con", torch.autograd.grad(loss, leaves), strict=True):
+            out[f"grad{i}_{name}"] = grad
+    return out
+
+
+# float32 with dot products in the thousands: a dot product's rounding (terms of ~1e3) moves the
+# sigmoids near 0 by ~1e-3, so the gradients are compared loosely (the float64 cases are exact).
+SGNS_TOL = {f"out{SGNS_CASES - 1}": (1e-5, 1e-3)}
+SGNS_TOL.update({f"grad{SGNS_CASES - 1}_{n}": (1e-2, 1e-3) for n in "con"})
+
+
+# -- exercise 2: nearest neighbours by cosine -----------------------------------------------------
+
+COS_CASES = 4  # the last one in float32
+
+
+def _cos_inputs(g):
+    x = {}
+    for i in range(COS_CASES):
+        dtype = F32 if i == COS_CASES - 1 else F64
+        v, d = _randint(g, 20, 60 if dtype == F32 else 300), _randint(g, 2, 32)
+        emb = torch.randn(v, d, generator=g, dtype=F64)
+        emb = emb * torch.exp(1.5 * torch.randn(v, 1, generator=g, dtype=F64))  # lengths far apart
+        emb[_randint(g, 0, v - 1)] = 0.0  # a zero row: similarity 0
+        n_ex = _randint(g, 0, 4)
+        exclude = torch.randperm(v, generator=g)[:n_ex]
+        k = _randint(g, 1, min(12, v - n_ex))
+        query = torch.randn(d, generator=g, dtype=F64)
+        if i == 1:  # the query is one of the rows, excluded as in the demo
+            query = emb[int(exclude[0])].clone() if n_ex else emb[0].clone()
+        x[f"e{i}"], x[f"q{i}"], x[f"ex{i}"] = emb.to(dtype), query.to(dtype), exclude
+        x[f"cfg{i}"] = torch.tensor([k])
+    return x
+
+
+def _cos_outputs(fn, x):
+    out = {}
+    for i in range(COS_CASES):
+        indices, sims = fn(x[f"e{i}"].clone(), x[f"q{i}"].clone(), int(x[f"cfg{i}"][0]),
+                           exclude=[int(j) for j in x[f"ex{i}"]])
+        out[f"idx{i}"] = torch.as_tensor(indices).to(torch.int64)
+        out[f"out{i}"] = sims
+    return out
+
+
+COS_TOL = {f"idx{i}": (0.0, 0.0) for i in range(COS_CASES)}
+COS_TOL[f"out{COS_CASES - 1}"] = (1e-5, 1e-6)
+
+
+# -- exercise 3: the bag-of-words classifier ------------------------------------------------------
+
+# (n_classes, class probabilities or None, dtype, accuracy the answer must reach on held-out data);
+# the reference reaches about 0.9 on these tasks, always guessing one class at most 0.75.
+BOW_PLAN = [(3, None, F32, 0.75), (2, (0.75, 0.25), F64, 0.85), (4, None, F32, 0.72)]
+
+
+def _bow_inputs(g):
+    x = {}
+    for i, (c, probs, dtype, _) in enumerate(BOW_PLAN):
+        xtr, ytr, xte, yte = ref.synthetic_bow_task(g, n_train=400, n_test=400,
+                                                    vocab_size=_randint(g, 120, 220), n_classes=c,
+                                                    class_probs=probs, dtype=dtype)
+        x.update({f"xtr{i}": xtr, f"ytr{i}": ytr, f"xte{i}": xte, f"yte{i}": yte})
+    return x
+
+
+def _bow_run(ns, x):
+    out = {}
+    for i, (c, _, _, _) in enumerate(BOW_PLAN):
+        w, b = ns["fit_bow_classifier"](x[f"xtr{i}"].clone(), x[f"ytr{i}"].clone(), c)
+        out[f"logits{i}"] = x[f"xte{i}"] @ w + b
+    return out
+
+
+def _bow_check(x, out):
+    for i, (c, _, _, needed) in enumerate(BOW_PLAN):
+        logits = out.get(f"logits{i}")
+        if logits is None or tuple(logits.shape) != (len(x[f"yte{i}"]), c):
+            return f"task {i}: held-out logits of shape {None if logits is None else tuple(logits.shape)}"
+        if not torch.isfinite(logits).all():
+            return f"task {i}: logits that are not finite"
+        acc = float((logits.argmax(1) == x[f"yte{i}"]).to(F64).mean())
+        if acc < needed:
+            return f"task {i} ({c} classes): held-out accuracy {acc:.3f} < {needed}"
+    return None
+
+
+# -- exercise 4: the LSTM cell --------------------------------------------------------------------
+
+LSTM_CASES = 4  # case 2 without biases, the last one in float32
+
+
+def _lstm_inputs(g):
+    x = {}
+    for i in range(LSTM_CASES):
+        b, n_in, h = _randint(g, 1, 8), _randint(g, 1, 12), _randint(g, 1, 16)
+        dtype = F32 if i == LSTM_CASES - 1 else F64
+        scale = _scale(g, 0.3, 3.0)
+        case = {"x": torch.randn(b, n_in, generator=g, dtype=dtype),
+                "h": torch.randn(b, h, generator=g, dtype=dtype),
+                "c": 2 * torch.randn(b, h, generator=g, dtype=dtype),
+                "wih": scale * torch.randn(4 * h, n_in, generator=g, dtype=dtype) / math.sqrt(n_in),
+                "whh": scale * torch.randn(4 * h, h, generator=g, dtype=dtype) / math.sqrt(h),
+                "bih": torch.randn(4 * h, generator=g, dtype=dtype),
+                "bhh": torch.randn(4 * h, generator=g, dtype=dtype)}
+        x.update({f"{k}{i}": v for k, v in case.items()})
+    return x
+
+
+def _lstm_outputs(cell, x):
+    out = {}
+    for i in range(LSTM_CASES):
+        names = ["x", "h", "c", "wih", "whh"] + ([] if i == 2 else ["bih", "bhh"])
+        leaves = [x[f"{n}{i}"].clone().requires_grad_(True) for n in names]
+        args = leaves if i != 2 else [*leaves, None, None]
+        h_new, c_new = cell(*args)
+        out[f"out{i}_h"], out[f"out{i}_c"] = h_new.detach(), c_new.detach()
+        up_h = torch.cos(torch.arange(h_new.numel(), dtype=h_new.dtype)).view(h_new.shape)
+        up_c = torch.sin(torch.arange(c_new.numel(), dtype=c_new.dtype)).view(c_new.shape)
+        grads = torch.autograd.grad((h_new * up_h).sum() + (c_new * up_c).sum(), leaves)
+        out.update({f"grad{i}_{n}": grad for n, grad in zip(names, grads, strict=True)})
+    return out
+
+
+LSTM_TOL = {k: (1e-5, 1e-6) for k in [f"out{LSTM_CASES - 1}_h", f"out{LSTM_CASES - 1}_c"]
+            + [f"grad{LSTM_CASES - 1}_{n}" for n in ("x", "h", "c", "wih", "whh", "bih", "bhh")]}
+
+
+PROBES = [
+    Probe(
+        "ex1_sgns_loss_tests",
+        inputs=_sgns_inputs,
+        run=lambda ns, x: _sgns_outputs(ns["sgns_loss"], x),
+        # (1e-7, 1e-8): F.softplus, a right answer, returns x itself beyond x = 20 (off by e^-20)
+        check=checker(lambda x: _sgns_outputs(ref.sgns_loss, x), SGNS_TOL, (1e-7, 1e-8), normwise=True),
+    ),
+    Probe(
+        "ex2_cosine_top_k_tests",
+        inputs=_cos_inputs,
+        run=lambda ns, x: _cos_outputs(ns["cosine_top_k"], x),
+        check=checker(lambda x: _cos_outputs(ref.cosine_top_k, x), COS_TOL, (1e-9, 1e-12)),
+    ),
+    Probe(
+        "ex3_bow_classifier_tests",
+        inputs=_bow_inputs,
+        run=_bow_run,
+        check=_bow_check,
+    ),
+    Probe(
+        "ex4_lstm_cell_tests",
+        inputs=_lstm_inputs,
+        run=lambda ns, x: _lstm_outputs(ns["lstm_cell"], x),
+        check=checker(lambda x: _lstm_outputs(ref.lstm_cell, x), LSTM_TOL, (1e-9, 1e-12), normwise=True),
+    ),
+]
