@@ -15,6 +15,10 @@ Small modules by topic:
 - :mod:`course_lib.optimizers` — SGD, momentum, Adagrad, RMSProp, Adam(W), schedules, clipping (chapter 4)
 - :mod:`course_lib.regularization` — dropout, batch/layer/RMS norm, initialisation, early stopping (chapter 5)
 - :mod:`course_lib.cnn`      — convolution as im2col, pooling, residual blocks, small CNNs (chapter 6)
+- :mod:`course_lib.embeddings` — word vectors (skip-gram, CBOW), an LSTM cell, a char LSTM (chapter 7)
+- :mod:`course_lib.attention` — masks, multi-head attention from weights, positions, RoPE (chapter 8)
+- :mod:`course_lib.data_prep` — shingles, Jaccard, MinHash, near duplicates, grouped splits (chapter 9)
+- :mod:`course_lib.pretraining` — next-token loss, MLM masking, accumulation (chapter 10)
 - :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
   :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
 """
