@@ -19,6 +19,8 @@ Small modules by topic:
 - :mod:`course_lib.attention` — masks, multi-head attention from weights, positions, RoPE (chapter 8)
 - :mod:`course_lib.data_prep` — shingles, Jaccard, MinHash, near duplicates, grouped splits (chapter 9)
 - :mod:`course_lib.pretraining` — next-token loss, MLM masking, accumulation (chapter 10)
+- :mod:`course_lib.parallel` — ranks from a notebook, torchrun launches, gradient all-reduce, tensor and
+  pipeline parallelism (chapter 11; its memory arithmetic is in :mod:`course_lib.sizing`)
 - :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
   :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
 """

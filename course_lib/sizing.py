@@ -100,3 +100,72 @@ def pairwise_sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"expected shapes (n, d) and (m, d), got {tuple(a.shape)} and {tuple(b.shape)}")
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 11: mixed precision, sharding (ZeRO / FSDP) and activations
+# ---------------------------------------------------------------------------------------------
+
+# Mixed precision keeps a 16-bit working copy of the weights and 16-bit gradients, plus an fp32
+# "master" copy of the weights that the optimizer updates, and fp32 optimizer state (Rajbhandari
+# et al., 2020, "ZeRO": 2 + 2 + 12 = 16 bytes per parameter with Adam).
+MIXED_PRECISIONS = ("bf16", "fp16")
+
+
+def memory_per_gpu(n_params: int, precision: str = "bf16", optimizer: str = "adam",
+                   world_size: int = 1, zero_stage: int = 0) -> dict[str, int]:
+    """Training memory on each of ``world_size`` GPUs, without activations, in bytes.
+
+    ``precision``: ``'fp32'`` (weights, gradients and optimizer state in fp32, no master copy) or
+    ``'bf16'``/``'fp16'`` mixed precision (16-bit weights and gradients, an fp32 master copy of
+    the weights, fp32 optimizer state). ``zero_stage`` (ZeRO; FSDP's ``fully_shard`` is stage 3):
+    0 replicates everything (plain data parallelism), 1 shards the master weights and optimizer
+    state over the ``world_size`` GPUs, 2 also the gradients, 3 also the weights. A sharded value
+    holds ``ceil(n_params / world_size)`` parameters per GPU (the flat buffer is padded).
+
+    Returns ``{'weights', 'gradients', 'master', 'optimizer', 'total'}`` (ints).
+    """
+    if n_params < 0 or world_size < 1 or zero_stage not in (0, 1, 2, 3):
+        raise ValueError("n_params >= 0, world_size >= 1 and zero_stage in 0..3 are required")
+    try:
+        states = OPTIMIZER_STATES[optimizer.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZER_STATES)}") from None
+    precision = precision.lower()
+    if precision not in ("fp32", *MIXED_PRECISIONS):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    mixed = precision in MIXED_PRECISIONS
+    shard = -(-n_params // world_size)
+    size = 2 if mixed else 4
+
+    def count(stage_that_shards: int) -> int:
+        return shard if zero_stage >= stage_that_shards else n_params
+
+    weights = count(3) * size
+    gradients = count(2) * size
+    master = count(1) * 4 if mixed else 0
+    state = count(1) * 4 * states
+    return {"weights": weights, "gradients": gradients, "master": master, "optimizer": state,
+            "total": weights + gradients + master + state}
+
+
+def activation_memory_bytes(batch_size: int, seq_len: int, d_model: int, n_layer: int,
+                            n_head: int, recompute: bool = False, attention_scores: bool = True) -> int:
+    """Activations a GPT keeps for the backward pass, in bytes, with 16-bit activations.
+
+    Korthikanti et al. (2022, "Reducing activation recomputation in large transformer models"):
+    one transformer layer saves ``s b h (34 + 5 a s / h)`` bytes (``s`` sequence length, ``b``
+    batch, ``h`` width, ``a`` heads): ``34 s b h`` for the inputs of its matrix products,
+    LayerNorms, GELU and dropout masks, and ``5 a s^2 b`` for the attention scores, their softmax
+    and its dropout mask. A fused attention kernel (FlashAttention) stores none of the ``s x s``
+    matrices (``attention_scores=False``). With full activation checkpointing (``recompute``) a
+    layer keeps only its 16-bit input, ``2 s b h``, and recomputes the rest during backward.
+    Embeddings and the output head are left out.
+    """
+    if min(batch_size, seq_len, d_model, n_head) < 1 or n_layer < 0:
+        raise ValueError("sizes must be positive (n_layer >= 0)")
+    s, b, h, a = seq_len, batch_size, d_model, n_head
+    if recompute:
+        return n_layer * 2 * s * b * h
+    per_layer = 34 * s * b * h + (5 * a * s * s * b if attention_scores else 0)
+    return n_layer * per_layer

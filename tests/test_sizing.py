@@ -249,3 +249,82 @@ def test_pairwise_sq_distances_rejects_bad_shapes(shape_a: tuple[int, ...],
                                                   shape_b: tuple[int, ...]) -> None:
     with pytest.raises(ValueError):
         sizing.pairwise_sq_distances(torch.zeros(shape_a), torch.zeros(shape_b))
+
+
+# --- chapter 11: memory per GPU with sharding, activations ------------------------------------
+
+
+@pytest.mark.parametrize(("precision", "optimizer", "per_param"),
+                         [("fp32", "adam", (4, 4, 0, 8)), ("bf16", "adam", (2, 2, 4, 8)),
+                          ("fp16", "AdamW", (2, 2, 4, 8)), ("bf16", "sgd", (2, 2, 4, 0)),
+                          ("fp32", "momentum", (4, 4, 0, 4)), ("BF16", "momentum", (2, 2, 4, 4))])
+def test_memory_per_gpu_unsharded(precision: str, optimizer: str,
+                                  per_param: tuple[int, int, int, int]) -> None:
+    n = 7_000_000_001
+    memory = sizing.memory_per_gpu(n, precision, optimizer)
+    assert set(memory) == {"weights", "gradients", "master", "optimizer", "total"}
+    assert all(type(v) is int for v in memory.values())
+    assert (memory["weights"], memory["gradients"], memory["master"], memory["optimizer"]) == tuple(
+        n * b for b in per_param)
+    assert memory["total"] == n * sum(per_param)
+
+
+def test_memory_per_gpu_zero_paper_numbers() -> None:
+    """ZeRO (Rajbhandari et al. 2020), figure 1: a 7.5B model with Adam in mixed precision on 64
+    GPUs needs 120 GB per GPU replicated, 31.4 GB with stage 1, 16.6 GB with stage 2, 1.9 GB with
+    stage 3 (their GB is 1e9 bytes)."""
+    n = 7_500_000_000
+    want = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}
+    for stage, gb in want.items():
+        total = sizing.memory_per_gpu(n, "bf16", "adam", world_size=64, zero_stage=stage)["total"]
+        assert total / 1e9 == pytest.approx(gb, abs=0.06)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_memory_per_gpu_shards_with_padding(stage: int) -> None:
+    n, world = 1001, 4  # 251 parameters per shard (1004 padded)
+    memory = sizing.memory_per_gpu(n, "bf16", "adam", world_size=world, zero_stage=stage)
+    count = {key: (251 if stage >= cut else n) for key, cut in
+             (("weights", 3), ("gradients", 2), ("master", 1), ("optimizer", 1))}
+    assert memory["weights"] == 2 * count["weights"]
+    assert memory["gradients"] == 2 * count["gradients"]
+    assert memory["master"] == 4 * count["master"]
+    assert memory["optimizer"] == 8 * count["optimizer"]
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    # one GPU: sharding changes nothing
+    assert sizing.memory_per_gpu(n, "bf16", "adam", 1, stage) == sizing.memory_per_gpu(n, "bf16", "adam")
+
+
+def test_memory_per_gpu_matches_training_memory_in_fp32() -> None:
+    for optimizer in ("sgd", "momentum", "adam"):
+        mine = sizing.memory_per_gpu(12345, "fp32", optimizer)
+        old = sizing.training_memory_bytes(12345, "fp32", optimizer)
+        assert mine["total"] == old["total"] and mine["optimizer"] == old["optimizer"]
+
+
+def test_memory_per_gpu_errors() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        sizing.memory_per_gpu(10, "fp8")
+    with pytest.raises(ValueError, match="optimizer"):
+        sizing.memory_per_gpu(10, "bf16", "lion")
+    for bad in [dict(world_size=0), dict(zero_stage=4), dict(zero_stage=-1)]:
+        with pytest.raises(ValueError):
+            sizing.memory_per_gpu(10, "bf16", "adam", **bad)
+
+
+def test_activation_memory_formula() -> None:
+    # GPT-3 175B's shape (Korthikanti et al., table 2 setting): s 2048, h 12288, a 96, 96 layers, b 1
+    s, h, a, layers = 2048, 12288, 96, 96
+    per_layer = s * h * (34 + 5 * a * s / h)
+    assert sizing.activation_memory_bytes(1, s, h, layers, a) == round(layers * per_layer)
+    assert sizing.activation_memory_bytes(1, s, h, layers, a, attention_scores=False) == layers * 34 * s * h
+    assert sizing.activation_memory_bytes(1, s, h, layers, a, recompute=True) == layers * 2 * s * h
+    # linear in the batch and the number of layers, quadratic term in the sequence length
+    one = sizing.activation_memory_bytes(1, 128, 64, 2, 4)
+    assert sizing.activation_memory_bytes(8, 128, 64, 2, 4) == 8 * one
+    assert sizing.activation_memory_bytes(1, 128, 64, 6, 4) == 3 * one
+    assert sizing.activation_memory_bytes(1, 256, 64, 2, 4) > 2 * one
+    assert sizing.activation_memory_bytes(1, 128, 64, 0, 4) == 0
+    assert type(one) is int
+    with pytest.raises(ValueError):
+        sizing.activation_memory_bytes(0, 128, 64, 2, 4)
