@@ -1,7 +1,9 @@
 """Time every chapter's solution notebook, top to bottom, in quick and/or full mode.
 
 Prints one JSON line per run: chapter, mode, seconds, device, and whether it succeeded.
-Usage:  python benchmarks/chapter_times.py [--chapter ch01] [--mode quick|full|both]
+Usage:  python benchmarks/chapter_times.py [--chapter ch01] [--mode quick|full|both] [--save DIR]
+--save keeps each executed notebook (outputs included) as DIR/<chapter>-<mode>.ipynb, to read the
+figures a chapter's prose quotes.
 The numbers go into each chapter's first cell and README's chapter table.
 """
 
@@ -30,7 +32,7 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def run(chapter: str, quick: bool, timeout: int) -> dict:
+def run(chapter: str, quick: bool, timeout: int, save: Path | None = None) -> dict:
     path = REPO / "solutions" / chapter / f"{chapter}.ipynb"
     nb = nbformat.read(path, as_version=4)
     os.environ["COURSE_QUICK"] = "1" if quick else "0"
@@ -44,6 +46,9 @@ def run(chapter: str, quick: bool, timeout: int) -> dict:
     except CellExecutionError as exc:
         error = str(exc).strip().splitlines()[-1][:300]
     seconds = time.perf_counter() - start
+    if save is not None:  # kept even when a cell failed: the outputs show where and why
+        save.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, str(save / f"{chapter}-{'quick' if quick else 'full'}.ipynb"))
     return {"chapter": chapter, "mode": "quick" if quick else "full", "seconds": round(seconds, 1),
             "ok": not error, "error": error, "device": device_name(),
             "python": platform.python_version()}
@@ -54,6 +59,7 @@ def main() -> int:
     parser.add_argument("--chapter", action="append", help="e.g. ch01 (default: all)")
     parser.add_argument("--mode", choices=["quick", "full", "both"], default="both")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--save", type=Path, help="folder for the executed notebooks")
     args = parser.parse_args()
     chapters = sorted(p.name for p in (REPO / "solutions").glob("ch*") if p.is_dir())
     if args.chapter:
@@ -62,7 +68,7 @@ def main() -> int:
     failed = False
     for chapter in chapters:
         for quick in modes:
-            record = run(chapter, quick, args.timeout)
+            record = run(chapter, quick, args.timeout, args.save)
             failed |= not record["ok"]
             print(json.dumps(record), flush=True)
     return 1 if failed else 0
