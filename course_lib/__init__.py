@@ -21,6 +21,9 @@ Small modules by topic:
 - :mod:`course_lib.pretraining` — next-token loss, MLM masking, accumulation (chapter 10)
 - :mod:`course_lib.parallel` — ranks from a notebook, torchrun launches, gradient all-reduce, tensor and
   pipeline parallelism (chapter 11; its memory arithmetic is in :mod:`course_lib.sizing`)
+- :mod:`course_lib.bert`     — a BERT encoder and all-MiniLM-L6-v2 loaded into it (chapter 12)
+- :mod:`course_lib.finetuning` — labelled passages, task heads, freezing, class weights, metrics, LoRA (ch 12)
+- :mod:`course_lib.instruction` — instruction pairs, chat template, prompt loss mask, BLEU, search (ch 13)
 - :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
   :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
 """

@@ -328,20 +328,23 @@ TEST_PLAYS = ("twelfth_night_gut", "much_ado_about_nothing_gut", "tempest_gut",
               "henry_v_gut", "richard_iii_gut", "macbeth_gut", "othello_gut", "julius_caesar_gut")
 
 
-def genre_passages(passage_words: int = 60, max_per_play: int | None = None, seed: int = 0):
+def genre_passages(passage_words: int = 60, max_per_play: int | None = None, seed: int = 0,
+                   split_words=words):
     """Passages of ``passage_words`` consecutive words from every play of :data:`GENRES`, labelled
     0 comedy, 1 history, 2 tragedy, split *by play* (:data:`TEST_PLAYS` are the test set).
 
     Returns ``{"train": (docs, labels, plays), "test": (...)}`` where ``docs`` is a list of word
     lists, ``labels`` an int64 tensor and ``plays`` the play of each passage. With
-    ``max_per_play`` a seeded random subset of each play's passages is kept."""
+    ``max_per_play`` a seeded random subset of each play's passages is kept. ``split_words`` cuts
+    a play into words: :func:`words` (lower case, no punctuation) by default, ``str.split`` to keep
+    the text as written (chapter 12's transformers read it so)."""
     from course_lib.lm_data import work_texts
 
     g = torch.Generator().manual_seed(seed)
     out: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "test": ([], [], [])}
     for label, genre in enumerate(GENRES):
         for play in GENRES[genre]:
-            tokens = words(work_texts([play])[0])
+            tokens = split_words(work_texts([play])[0])
             chunks = [tokens[i:i + passage_words]
                       for i in range(0, len(tokens) - passage_words + 1, passage_words)]
             if max_per_play is not None and len(chunks) > max_per_play:

@@ -1,0 +1,481 @@
+"""Instruction tuning and evaluation (chapter 13).
+
+- Data: :func:`parse_speeches` and :func:`make_examples` build instruction/response pairs from the
+  Shakespeare corpus with *templates* (no human-written answers): "Who speaks this line?" -> the
+  speaker, "Continue this line." -> the next line of the speech, "What is the last word of this
+  line?" -> that word. Pairs come from whole plays, so a split made with
+  :func:`course_lib.lm_data.split_by_work` keeps the evaluation plays unseen.
+- The chat template (:func:`format_prompt`) uses **existing** tokens of the shipped BPE tokenizer:
+  ``<|endoftext|>`` (id 2047, the separator between works in pretraining) opens a conversation and
+  closes every response, and the turns are headed ``INSTRUCTION.`` and ``RESPONSE.`` in the very
+  layout of a play's speech headers, which the pretrained model already knows. No row is added to
+  the embedding table, so no token starts untrained.
+- Supervised fine-tuning: :func:`sft_labels` (the prompt loss mask), :func:`collate`,
+  :func:`sft_loss` and :func:`finetune` on a :class:`course_lib.gpt.GPT`.
+- Evaluation: :func:`response_perplexity`, :func:`generate_answer`, :func:`exact_match` with
+  :func:`normalize_answer`, and :func:`corpus_bleu` (Papineni et al., 2002) written out.
+- Hyper-parameter search: :func:`kfold_splits`, :func:`sample_config`, :func:`random_search`,
+  :func:`grid_search` and a small task to search on (:func:`softmax_regression_cv`, digits).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import product
+
+import torch
+import torch.nn.functional as F
+
+from course_lib.lm_data import END_OF_TEXT, play_of, work_texts
+from course_lib.lm_train import lr_at
+from course_lib.pretraining import next_token_loss
+
+IGNORE_INDEX = -100
+
+# ---------------------------------------------------------------------------------------------
+# 1. Instruction/response pairs from the corpus, by template
+# ---------------------------------------------------------------------------------------------
+
+TASKS = {
+    "speaker": "Who speaks this line?",
+    "next_line": "Continue this line.",
+    "last_word": "What is the last word of this line?",
+}
+
+# A speech header: one to four capitalised words ending with a full stop ("FIRST CITIZEN.",
+# "Sampson.", "Ber." in the editions that abbreviate), or in capitals without it ("THESEUS").
+_HEADER = re.compile(r"^([A-Z][A-Za-z'&-]*(?: [A-Z][A-Za-z'&-]*){0,3})(\.?)$")
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
+_NOT_SPEAKERS = {"ACT", "SCENE", "EPILOGUE", "PROLOGUE", "THE END", "FINIS", "PERSONS REPRESENTED"}
+
+
+@dataclass(frozen=True)
+class Speech:
+    """One speech of a play: who speaks, and its lines."""
+
+    speaker: str
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction/response pair: ``instruction`` and ``text`` make the prompt."""
+
+    task: str
+    instruction: str
+    text: str
+    response: str
+    work: str
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.instruction, self.text)
+
+    @property
+    def play(self) -> str:
+        return play_of(self.work)
+
+
+def parse_speeches(text: str) -> list[Speech]:
+    """The speeches of a cleaned play: blocks that start with a header line (``NAME.``) followed
+    by at least one line of text. Speakers are given in capitals."""
+    speeches = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in block.strip().split("\n")]
+        if len(lines) < 2:
+            continue
+        match = _HEADER.match(lines[0])
+        if not match or not (match.group(2) or match.group(1).isupper()):
+            continue
+        speaker = match.group(1).upper()
+        if speaker in _NOT_SPEAKERS or speaker.startswith(("ACT ", "SCENE ")):
+            continue
+        body = tuple(line for line in lines[1:] if line)
+        if body:
+            speeches.append(Speech(speaker, body))
+    return speeches
+
+
+def last_word(line: str) -> str:
+    """The last word of a line, without punctuation ("" when it has none)."""
+    found = _WORD.findall(line)
+    return found[-1] if found else ""
+
+
+def make_examples(works: Sequence[str], per_task: int, tasks: Mapping[str, str] = TASKS, seed: int = 0,
+                  min_chars: int = 20, max_chars: int = 70) -> list[Example]:
+    """Up to ``per_task`` examples of each task from the named works, drawn with a seeded
+    ``random.Random`` and interleaved task by task. Lines shorter than ``min_chars`` or longer than
+    ``max_chars`` are skipped (short lines say too little, long ones make long sequences)."""
+    pools: dict[str, list[Example]] = {task: [] for task in tasks}
+    for work, text in zip(works, work_texts(works), strict=True):
+        for speech in parse_speeches(text):
+            usable = [min_chars <= len(line) <= max_chars for line in speech.lines]
+            for i, line in enumerate(speech.lines):
+                if not usable[i]:
+                    continue
+                if "speaker" in tasks:
+                    pools["speaker"].append(Example("speaker", tasks["speaker"], line, speech.speaker, work))
+                if "last_word" in tasks and last_word(line):
+                    pools["last_word"].append(Example("last_word", tasks["last_word"], line, last_word(line),
+                                                      work))
+                if "next_line" in tasks and i + 1 < len(speech.lines) and usable[i + 1]:
+                    pools["next_line"].append(Example("next_line", tasks["next_line"], line,
+                                                      speech.lines[i + 1], work))
+    rng = random.Random(seed)
+    chosen = {task: rng.sample(pool, min(per_task, len(pool))) for task, pool in pools.items()}
+    out = []
+    for i in range(max((len(v) for v in chosen.values()), default=0)):
+        out.extend(chosen[task][i] for task in tasks if i < len(chosen[task]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The chat template and encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def format_prompt(instruction: str, text: str = "") -> str:
+    """The chat template's prompt: everything before the response.
+
+    ``<|endoftext|>INSTRUCTION.\\n{instruction}\\n{text}\\nRESPONSE.\\n`` — the response follows
+    and ends with ``<|endoftext|>``.
+    """
+    body = f"{instruction}\n{text}" if text else instruction
+    return f"{END_OF_TEXT}INSTRUCTION.\n{body}\nRESPONSE.\n"
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """``(ids, prompt_len)``: the prompt's tokens, then the response's and the end-of-text token.
+    The prompt and the response are encoded separately, so the boundary falls between tokens."""
+    eos = tokenizer.special_tokens[END_OF_TEXT]
+    prompt_ids = tokenizer.encode(prompt, allowed_special={END_OF_TEXT})
+    return prompt_ids + tokenizer.encode(response) + [eos], len(prompt_ids)
+
+
+def sft_labels(ids: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor,
+               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The prompt loss mask: labels shaped like ``ids`` ``(B, T)``, *not* shifted.
+
+    ``labels[b, t] = ids[b, t]`` for ``prompt_lens[b] <= t < lengths[b]`` (the response and its
+    end-of-text token) and ``ignore_index`` elsewhere (the prompt and the padding). The shift is
+    the loss's job (:func:`course_lib.pretraining.next_token_loss`): logits at ``t - 1`` predict
+    ``labels[:, t]``.
+    """
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    keep = (positions >= prompt_lens.to(ids.device)[:, None]) & (positions < lengths.to(ids.device)[:, None])
+    return torch.where(keep, ids.long(), torch.full_like(ids, ignore_index, dtype=torch.long))
+
+
+def collate(encoded: Sequence[tuple[Sequence[int], int]], pad_id: int,
+            max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``(ids, prompt_len)`` pairs to one batch: ``(ids (B, T), labels (B, T))``.
+
+    Sequences longer than ``max_len`` lose tokens from the *start* of the prompt (the response is
+    what is learned). The pad id may equal the end-of-text id: the labels come from the lengths,
+    never from comparing ids with the pad id.
+    """
+    rows, prompt_lens, lengths = [], [], []
+    for ids, prompt_len in encoded:
+        ids = list(ids)
+        if max_len is not None and len(ids) > max_len:
+            cut = len(ids) - max_len
+            ids, prompt_len = ids[cut:], max(prompt_len - cut, 1)
+        rows.append(ids)
+        prompt_lens.append(prompt_len)
+        lengths.append(len(ids))
+    width = max(lengths)
+    batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        batch[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return batch, sft_labels(batch, torch.tensor(prompt_lens), torch.tensor(lengths))
+
+
+def sft_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the response tokens (labels from :func:`sft_labels`)."""
+    logits, _ = model(ids)
+    return next_token_loss(logits.float(), labels)
+
+
+def set_trainable(model, top_blocks: int | None = None) -> int:
+    """Train everything (``None``) or only the top ``top_blocks`` transformer blocks and the final
+    LayerNorm (the tied embedding/head matrix frozen). Returns the number of trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(top_blocks is None)
+    if top_blocks is not None:
+        for module in [*model.blocks[len(model.blocks) - top_blocks:], model.ln_f]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def finetune(model, encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, steps: int, batch_size: int,
+             lr: float, generator: torch.Generator, warmup_steps: int = 0, max_len: int | None = None,
+             progress: bool = False) -> list[float]:
+    """Supervised fine-tuning: ``steps`` AdamW steps (no weight decay, gradient clipping at 1) on
+    random batches of ``encoded`` examples, warm-up then cosine to ``lr / 10``. Returns the losses."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="fine-tuning", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr, lr / 10, warmup_steps, steps)
+        pick = torch.randint(0, len(encoded), (batch_size,), generator=generator).tolist()
+        ids, labels = collate([encoded[i] for i in pick], pad_id, max_len)
+        loss = sft_loss(model, ids.to(device), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def response_perplexity(model, encoded: Sequence[tuple[Sequence[int], int]], pad_id: int,
+                        batch_size: int = 16) -> float:
+    """``exp`` of the mean loss over every response token (end-of-text included) of ``encoded``:
+    how surprised the model is by the answers, given the prompts."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        ids, labels = collate(encoded[start:start + batch_size], pad_id)
+        ids, labels = ids.to(device), labels.to(device)
+        logits, _ = model(ids)
+        targets = labels[:, 1:].reshape(-1)
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets,
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+        total += nll.item()
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 24, temperature: float = 0.0,
+                    generator: torch.Generator | None = None, stop_at_newline: bool = True) -> str:
+    """The model's answer to a prompt: greedy (``temperature=0``) or sampled tokens, with the
+    key/value cache, until ``<|endoftext|>``, a newline (with ``stop_at_newline``) or
+    ``max_new_tokens``."""
+    from course_lib.gpt import sample_next_token
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.special_tokens[END_OF_TEXT]
+    ids = tokenizer.encode(prompt, allowed_special={END_OF_TEXT})
+    ids = ids[-(model.config.block_size - max_new_tokens):]
+    cache = model.new_cache()
+    logits = model(torch.tensor([ids], device=device), cache=cache, last_only=True)[0][:, -1]
+    new: list[int] = []
+    text = ""
+    try:
+        for _ in range(max_new_tokens):
+            token = int(sample_next_token(logits.float(), temperature, generator=generator)[0, 0])
+            if token == eos:
+                break
+            new.append(token)
+            text = tokenizer.decode(new)
+            if stop_at_newline and "\n" in text.lstrip("\n"):
+                text = text.lstrip("\n").split("\n")[0]
+                break
+            logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)[0][:, -1]
+    finally:
+        model.train(was_training)
+    return text.strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: "Ay, my LORD!" -> "ay my lord"."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(text.split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions equal to their reference after :func:`normalize_answer`."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return 0.0
+    return sum(normalize_answer(p) == normalize_answer(r)
+               for p, r in zip(predictions, references, strict=True)) / len(predictions)
+
+
+def bleu_tokens(text: str) -> list[str]:
+    """BLEU's words: lower-case words (with inner apostrophes) and punctuation marks."""
+    return re.findall(r"\w+(?:'\w+)*|[^\w\s]", text.lower())
+
+
+def ngram_counts(tokens: Sequence[str], n: int) -> Counter:
+    """How often each n-gram (a tuple of ``n`` tokens) occurs in ``tokens``."""
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu_statistics(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                    max_n: int = 4) -> dict:
+    """Corpus totals behind BLEU: clipped matches and hypothesis n-grams for n = 1..max_n, the
+    hypothesis length ``c`` and the reference length ``r``."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    matches, totals = [0] * max_n, [0] * max_n
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        for n in range(1, max_n + 1):
+            hyp_counts, ref_counts = ngram_counts(hyp, n), ngram_counts(ref, n)
+            matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in hyp_counts.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    return {"matches": matches, "totals": totals, "hyp_len": sum(len(h) for h in hypotheses),
+            "ref_len": sum(len(r) for r in references)}
+
+
+def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                max_n: int = 4) -> float:
+    """Corpus BLEU in [0, 1], one reference per hypothesis, uniform weights ``1 / max_n``.
+
+    ``p_n`` = clipped n-gram matches summed over the corpus / hypothesis n-grams summed over the
+    corpus (clipping: an n-gram counts at most as often as it occurs in its reference). Smoothing
+    (Lin and Och, 2004): for ``n >= 2``, ``p_n = (matches + 1) / (total + 1)``; ``p_1`` is not
+    smoothed and BLEU is 0 when it is 0. Brevity penalty: ``c`` = total hypothesis length, ``r`` =
+    total reference length, ``BP = 1`` if ``c > r`` else ``exp(1 - r / c)`` (0 when ``c = 0``).
+    BLEU = ``BP * exp(mean_n log p_n)`` — a geometric mean.
+    """
+    stats = bleu_statistics(hypotheses, references, max_n)
+    c, r = stats["hyp_len"], stats["ref_len"]
+    if c == 0 or stats["matches"][0] == 0:
+        return 0.0
+    log_p = 0.0
+    for n in range(max_n):
+        m, t = stats["matches"][n], stats["totals"][n]
+        log_p += math.log(m / t) if n == 0 else math.log((m + 1) / (t + 1))
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return bp * math.exp(log_p / max_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Hyper-parameter search with cross-validation
+# ---------------------------------------------------------------------------------------------
+
+
+def kfold_splits(n: int, k: int, generator: torch.Generator | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``k`` pairs ``(train_idx, val_idx)`` (int64) over ``n`` examples.
+
+    The order is ``torch.randperm(n, generator=generator)`` (``torch.arange(n)`` without a
+    generator), cut into ``k`` consecutive folds whose sizes differ by at most one: the first
+    ``n % k`` folds hold ``n // k + 1`` examples, the others ``n // k``. Fold ``i`` validates;
+    ``train_idx`` is the other folds joined in fold order.
+    """
+    if not 2 <= k <= n:
+        raise ValueError(f"need 2 <= k <= n, got k={k}, n={n}")
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    folds = list(torch.split(order, sizes))
+    return [(torch.cat([f for j, f in enumerate(folds) if j != i]), folds[i].clone()) for i in range(k)]
+
+
+def sample_config(space: Mapping[str, tuple], generator: torch.Generator) -> dict:
+    """One configuration drawn from ``space``: ``name -> (low, high, kind)``.
+
+    For each parameter, in the order of ``space``, one ``u = torch.rand((), generator=generator,
+    dtype=torch.float64)``; then ``"log"``: ``exp(log low + u (log high - log low))`` (log-uniform),
+    ``"linear"``: ``low + u (high - low)``, ``"int"``: ``low + floor(u (high - low + 1))`` (an int).
+    """
+    config = {}
+    for name, (low, high, kind) in space.items():
+        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        if kind == "log":
+            config[name] = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+        elif kind == "linear":
+            config[name] = low + u * (high - low)
+        elif kind == "int":
+            config[name] = int(low + math.floor(u * (high - low + 1)))
+        else:
+            raise ValueError(f"unknown kind {kind!r} for {name!r}: use 'log', 'linear' or 'int'")
+    return config
+
+
+def _best(trials: list[tuple[dict, float]]) -> dict:
+    best_config, best_loss = trials[0]
+    for config, loss in trials[1:]:
+        if loss < best_loss or (math.isnan(best_loss) and not math.isnan(loss)):
+            best_config, best_loss = config, loss
+    return best_config
+
+
+def random_search(objective: Callable[[dict], float], space: Mapping[str, tuple], n_trials: int,
+                  generator: torch.Generator) -> tuple[dict, list[tuple[dict, float]]]:
+    """``n_trials`` configurations from :func:`sample_config`, each scored once by ``objective``
+    (a loss: lower is better). Returns ``(best_config, trials)``, ``trials`` the list of
+    ``(config, loss)`` in the order drawn; ties go to the earliest trial."""
+    trials = []
+    for _ in range(n_trials):
+        config = sample_config(space, generator)
+        trials.append((config, float(objective(config))))
+    return _best(trials), trials
+
+
+def grid_search(objective: Callable[[dict], float], grid: Mapping[str, Sequence]
+                ) -> tuple[dict, list[tuple[dict, float]]]:
+    """Every combination of the values in ``grid`` (``name -> values``), like :func:`random_search`."""
+    names = list(grid)
+    trials = []
+    for values in product(*(grid[name] for name in names)):
+        config = dict(zip(names, values, strict=True))
+        trials.append((config, float(objective(config))))
+    return _best(trials), trials
+
+
+def log_grid(low: float, high: float, n: int) -> list[float]:
+    """``n`` values evenly spaced on a log scale from ``low`` to ``high``."""
+    return [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (n - 1)) for i in range(n)]
+
+
+def train_softmax_regression(x: torch.Tensor, y: torch.Tensor, lr: float, weight_decay: float, steps: int,
+                             num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch gradient descent from zero weights, with an
+    L2 penalty ``weight_decay / 2 * ||W||^2``: ``(W (d, classes), b (classes,))``."""
+    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    for _ in range(steps):
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        with torch.no_grad():
+            w -= lr * gw
+            b -= lr * gb
+    return w.detach(), b.detach()
+
+
+def softmax_regression_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
+    """Cross-entropy of a fitted model on ``(x, y)``; ``inf`` when the fit diverged."""
+    loss = F.cross_entropy(x @ w + b, y).item()
+    return loss if math.isfinite(loss) else math.inf
+
+
+def softmax_regression_cv(x: torch.Tensor, y: torch.Tensor, config: Mapping[str, float],
+                          folds: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int) -> float:
+    """Mean validation cross-entropy over ``folds`` of a model trained on each fold's training part
+    with ``config["lr"]`` and ``config["weight_decay"]``."""
+    losses = []
+    for train_idx, val_idx in folds:
+        w, b = train_softmax_regression(x[train_idx], y[train_idx], config["lr"], config["weight_decay"],
+                                        steps)
+        losses.append(softmax_regression_loss(x[val_idx], y[val_idx], w, b))
+    return sum(losses) / len(losses)

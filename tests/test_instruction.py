@@ -1,0 +1,186 @@
+"""Unit tests of course_lib.instruction: data, template, prompt mask, metrics and search."""
+
+import math
+
+import pytest
+import torch
+
+from course_lib import instruction as ins
+from course_lib.gpt import GPT, GPTConfig
+from course_lib.pretraining import next_token_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# -- data and template ------------------------------------------------------------------------
+
+
+def test_parse_speeches_reads_headers_and_skips_the_rest():
+    text = ("ACT I.\n\nSCENE I. Rome. A street.\n\nFIRST CITIZEN.\nBefore we proceed any further,\n"
+            "hear me speak.\n\nALL.\nSpeak, speak.\n\nPERSONS REPRESENTED.\n\nHamlet, a prince")
+    speeches = ins.parse_speeches(text)
+    assert speeches == [ins.Speech("FIRST CITIZEN", ("Before we proceed any further,", "hear me speak.")),
+                        ins.Speech("ALL", ("Speak, speak.",))]
+
+
+def test_last_word_and_normalisation():
+    assert ins.last_word("Is't a verdict?") == "verdict"
+    assert ins.last_word("We know't, we know't.") == "know't"
+    assert ins.last_word("--!") == ""
+    assert ins.normalize_answer("  Ay, my LORD! ") == "ay my lord"
+    assert ins.exact_match(["KING.", "the queen", "x"], ["king", "Queen", "y"]) == pytest.approx(1 / 3)
+
+
+def test_make_examples_come_from_the_named_plays_only():
+    examples = ins.make_examples(["romeo_and_juliet_gut"], per_task=5, seed=3)
+    assert len(examples) == 15
+    assert [e.task for e in examples[:3]] == list(ins.TASKS)
+    assert all(e.work == "romeo_and_juliet_gut" for e in examples)
+    assert ins.make_examples(["romeo_and_juliet_gut"], per_task=5, seed=3) == examples
+    for e in examples:
+        assert 20 <= len(e.text) <= 70
+        if e.task == "last_word":
+            assert e.response == ins.last_word(e.text)
+
+
+def test_format_prompt_and_encoding_boundary():
+    from course_lib.lm_train import load_pretrained
+
+    _, tok, _ = load_pretrained(device="cpu")
+    prompt = ins.format_prompt("Who speaks this line?", "O Romeo, Romeo!")
+    assert prompt == "<|endoftext|>INSTRUCTION.\nWho speaks this line?\nO Romeo, Romeo!\nRESPONSE.\n"
+    ids, prompt_len = ins.encode_example(tok, prompt, "JULIET")
+    eos = tok.special_tokens["<|endoftext|>"]
+    assert ids[0] == eos and ids[-1] == eos
+    assert tok.decode(ids[:prompt_len]) == prompt
+    assert tok.decode(ids[prompt_len:-1]) == "JULIET"
+
+
+# -- the prompt loss mask -------------------------------------------------------------------------
+
+
+def test_sft_labels_hand_case():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [1, 2, 3, 0, 0, 0]])
+    labels = ins.sft_labels(ids, torch.tensor([2, 1]), torch.tensor([6, 3]))
+    assert labels.tolist() == [[-100, -100, 7, 8, 9, 0], [-100, 2, 3, -100, -100, -100]]
+    assert labels.dtype == torch.int64
+
+
+def test_collate_pads_with_eos_without_masking_the_real_eos():
+    labels = ins.collate([([4, 5, 6, 9], 2), ([4, 7, 9], 1)], pad_id=9)[1]
+    assert labels.tolist() == [[-100, -100, 6, 9], [-100, 7, 9, -100]]
+    ids, labels = ins.collate([(list(range(1, 11)), 6)], pad_id=0, max_len=6)
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 10]] and labels.tolist() == [[-100, -100, 7, 8, 9, 10]]
+
+
+def test_sft_loss_only_scores_the_response():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    ids, labels = ins.collate([([1, 2, 3, 4, 5, 6], 3), ([1, 7, 8, 9], 2)], pad_id=0)
+    loss = ins.sft_loss(model, ids, labels)
+    logits = model(ids)[0]
+    want = next_token_loss(logits, labels)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    changed = ids.clone()
+    changed[0, 1] = 11  # a prompt token changes the context, not the set of scored positions
+    assert (ins.sft_labels(changed, torch.tensor([3, 2]), torch.tensor([6, 4])) != -100).sum() == 5
+
+
+def test_finetune_lowers_the_response_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=12, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    examples = [([1, 2, 3, 4, 5, 11], 3), ([1, 2, 6, 7, 8, 11], 3)]
+    before = ins.response_perplexity(model, examples, pad_id=0)
+    losses = ins.finetune(model, examples, pad_id=0, steps=60, batch_size=2, lr=1e-2,
+                          generator=torch.Generator().manual_seed(0))
+    after = ins.response_perplexity(model, examples, pad_id=0)
+    assert len(losses) == 60 and after < before / 3 and after < 2.5
+
+
+def test_set_trainable_top_blocks():
+    model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=3, n_head=2, n_embd=16))
+    n = ins.set_trainable(model, 1)
+    top = sum(p.numel() for p in model.blocks[2].parameters())
+    assert n == top + sum(p.numel() for p in model.ln_f.parameters())
+    assert ins.set_trainable(model, None) == model.num_params()
+
+
+# -- BLEU -----------------------------------------------------------------------------------------
+
+
+def test_bleu_hand_computed_case():
+    # hyp: the cat sat on the mat (6 words), ref: the cat is on the mat (6 words)
+    hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
+    # p1 = 5/6; 2-grams: the cat, cat sat, sat on, on the, the mat -> 3 of 5 match
+    # 3-grams: 1 of 4 (on the mat); 4-grams: 0 of 3. Smoothed: (3+1)/6, (1+1)/5, (0+1)/4; BP = 1.
+    want = math.exp((math.log(5 / 6) + math.log(4 / 6) + math.log(2 / 5) + math.log(1 / 4)) / 4)
+    assert ins.corpus_bleu([hyp], [ref]) == pytest.approx(want, rel=1e-12)
+    assert ins.corpus_bleu([ref], [ref]) == pytest.approx(1.0)
+
+
+def test_bleu_clipping_brevity_and_corpus_level():
+    # clipping: "the" x4 against a reference holding it twice -> p1 = 2/4, not 4/4
+    stats = ins.bleu_statistics([["the"] * 4], [["the", "cat", "the", "end"]])
+    assert stats["matches"][0] == 2 and stats["totals"][0] == 4
+    # brevity: a perfect but short hypothesis: c = 2, r = 4 -> BP = exp(1 - 2)
+    got = ins.corpus_bleu([["a", "b"]], [["a", "b", "c", "d"]], max_n=2)
+    assert got == pytest.approx(math.exp(1 - 2) * math.exp((math.log(1) + math.log(2 / 2)) / 2))
+    # corpus level: sums counts before dividing (not a mean of sentence scores)
+    hyps = [["a", "b", "c", "d"], ["x"]]
+    refs = [["a", "b", "c", "d"], ["y"]]
+    p1, p2 = 4 / 5, (3 + 1) / (3 + 1)
+    assert ins.corpus_bleu(hyps, refs, max_n=2) == pytest.approx(math.sqrt(p1 * p2))
+    assert ins.corpus_bleu([[]], [["a"]]) == 0.0
+    assert ins.corpus_bleu([["z", "z"]], [["a", "b"]]) == 0.0
+
+
+# -- search and cross-validation ----------------------------------------------------------------
+
+
+def test_kfold_splits_sizes_cover_and_no_leak():
+    folds = ins.kfold_splits(11, 3)
+    assert [len(v) for _, v in folds] == [4, 4, 3]
+    assert folds[0][1].tolist() == [0, 1, 2, 3] and folds[1][0].tolist() == [0, 1, 2, 3, 8, 9, 10]
+    shuffled = ins.kfold_splits(50, 4, torch.Generator().manual_seed(0))
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([v for _, v in shuffled]), order)
+    for train, val in shuffled:
+        assert set(train.tolist()).isdisjoint(val.tolist()) and len(train) + len(val) == 50
+
+
+def test_sample_config_is_log_uniform_and_seeded():
+    space = {"lr": (1e-4, 1.0, "log"), "p": (0.0, 0.5, "linear"), "width": (8, 11, "int")}
+    g = torch.Generator().manual_seed(0)
+    draws = [ins.sample_config(space, g) for _ in range(4000)]
+    lrs = torch.tensor([d["lr"] for d in draws])
+    # log-uniform on 4 decades: a quarter below 1e-3; uniform would put 0.1% there
+    assert abs((lrs < 1e-3).float().mean().item() - 0.25) < 0.03
+    assert {d["width"] for d in draws} == {8, 9, 10, 11}
+    g1 = torch.Generator().manual_seed(5)
+    u = [float(torch.rand((), generator=g1, dtype=torch.float64)) for _ in range(3)]
+    got = ins.sample_config(space, torch.Generator().manual_seed(5))
+    assert got["lr"] == pytest.approx(10 ** (-4 + 4 * u[0]), rel=1e-12)
+    assert got["p"] == pytest.approx(0.5 * u[1]) and got["width"] == 8 + math.floor(4 * u[2])
+
+
+def test_random_search_minimises_and_grid_search_enumerates():
+    space = {"x": (1e-3, 1e3, "log")}
+    best, trials = ins.random_search(lambda c: (math.log10(c["x"]) - 1) ** 2, space, 50,
+                                     torch.Generator().manual_seed(0))
+    assert len(trials) == 50 and best == min(trials, key=lambda t: t[1])[0]
+    assert abs(math.log10(best["x"]) - 1) < 0.3
+    best, trials = ins.grid_search(lambda c: c["a"] * 10 + c["b"], {"a": [3, 1, 2], "b": [1, 0]})
+    assert best == {"a": 1, "b": 0} and len(trials) == 6
+    assert ins.log_grid(1e-3, 1e1, 5) == pytest.approx([1e-3, 1e-2, 1e-1, 1, 10])
+
+
+def test_softmax_regression_cv_prefers_a_sensible_learning_rate():
+    from course_lib.data import load_digits
+
+    digits = load_digits()
+    x, y = digits.train.x[:400], digits.train.y[:400]
+    folds = ins.kfold_splits(len(y), 3, torch.Generator().manual_seed(0))
+    good = ins.softmax_regression_cv(x, y, {"lr": 1.0, "weight_decay": 1e-4}, folds, steps=40)
+    tiny = ins.softmax_regression_cv(x, y, {"lr": 1e-4, "weight_decay": 1e-4}, folds, steps=40)
+    huge = ins.softmax_regression_cv(x, y, {"lr": 1e4, "weight_decay": 1e-4}, folds, steps=40)
+    assert good < 0.8 < math.log(10) - 0.01 < tiny + 0.01 and (huge > good)
