@@ -4,7 +4,8 @@ For each submission:
 
 1. Before any code runs, the notebook is read against the release: edited or deleted locked
    cells, changed metadata and suspicious constructs become flags (grader/flags.py).
-2. Its own ``nbgrader autograde --student`` process runs it, with the kernel in a sandbox
+2. Its own ``nbgrader autograde --student`` process runs it (forked from a server that imported
+   nbgrader once per batch), with the kernel in a sandbox
    (grader/sandbox.py) and one cell appended: the trusted checks on secret inputs
    (grader/probes.py). One notebook that hangs or crashes cannot take the batch down: past
    ``--notebook-timeout`` the process and its sandbox are killed and the student is reported as
@@ -21,12 +22,12 @@ kills what is running and keeps what was finished.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +37,14 @@ from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 
-from grader import GraderError, database, ingest, probes, sandbox
+from grader import GraderError, database, ingest, nbgrader_main, probes, sandbox
 from grader.flags import submission_flags
 from grader.workspace import Record, Workspace
 
-# nbgrader processes running now, so that an interrupted batch can kill them all.
-_RUNNING: set[subprocess.Popen] = set()
+# nbgrader processes running now (their pids), so that an interrupted batch can kill them all.
+_RUNNING: set[int] = set()
 _RUNNING_LOCK = threading.Lock()
+_FORKSERVER_LOCK = threading.Lock()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -65,48 +67,56 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    victims = _descendants(proc.pid)
-    for pid in [proc.pid, *victims]:
+def _kill_tree(pid: int) -> None:
+    for victim in [pid, *_descendants(pid)]:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
         except OSError:
             pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
-    proc.wait()
+
+
+def _nbgrader_context():
+    """Processes forked from a server that imported nbgrader once (grader/nbgrader_main.py)."""
+    context = multiprocessing.get_context("forkserver")
+    with _FORKSERVER_LOCK:
+        context.set_forkserver_preload(nbgrader_main.PRELOAD)
+    return context
 
 
 def _run_nbgrader(ws: Workspace, chapter: str, student: str, notebook_timeout: float,
                   env: dict[str, str], log_path: Path) -> int | None:
     """One ``nbgrader autograde --student`` run; its exit code, or None past the time limit."""
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "grader.nbgrader_main", "autograde", chapter,
-             "--student", student, "--force"],
-            cwd=ws.path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **database.nbgrader_env(ws.db_url), **env},
-        )
-        with _RUNNING_LOCK:
-            _RUNNING.add(proc)
-        try:
-            return proc.wait(timeout=notebook_timeout)
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
+    argv = ["autograde", chapter, "--student", student, "--force"]
+    full_env = {**os.environ, **database.nbgrader_env(ws.db_url), **env}
+    proc = _nbgrader_context().Process(target=nbgrader_main.run_forked,
+                                       args=(argv, str(ws.path), full_env, str(log_path)))
+    with _FORKSERVER_LOCK:  # the first start launches the server; one at a time
+        proc.start()
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc.pid)
+    try:
+        proc.join(timeout=notebook_timeout)
+        if proc.exitcode is None:
+            _kill_tree(proc.pid)
+            proc.join()
             return None
-        finally:
-            with _RUNNING_LOCK:
-                _RUNNING.discard(proc)
+        return proc.exitcode
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc.pid)
+        proc.close()
 
 
 def kill_running() -> None:
     """Kill every nbgrader process of this batch and its kernel (Ctrl-C, SIGTERM)."""
     with _RUNNING_LOCK:
         running = list(_RUNNING)
-    for proc in running:
-        _kill_tree(proc)
+    for pid in running:
+        _kill_tree(pid)
 
 
 def _interrupted_cells(notebook: Path) -> list[str]:
@@ -203,6 +213,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     a glitch of the machine rather than the student's code (we have seen rare kernel message
     stalls), and a second run that fails the same way is the student's result.
     """
+    start = time.monotonic()
     log_path = ws.log(student, chapter)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
@@ -236,6 +247,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     outcome.seed = seed
     graded = ws.autograded(student, chapter)
     if outcome.status != "graded":
+        outcome.seconds = time.monotonic() - start
         return outcome
     interrupted = _interrupted_cells(graded)
     if interrupted:
@@ -244,6 +256,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     verdicts = probes.decide(settings.checks, inputs, payload)
     outcome.checks = {name: "passed" if v.passed else v.reason for name, v in verdicts.items()}
     outcome.flags += _apply_checks(ws, chapter, student, verdicts)
+    outcome.seconds = time.monotonic() - start  # this student's whole grading, trusted checks included
     return outcome
 
 

@@ -12,11 +12,18 @@ Polling in short slices turns each slice's end into that same check, so a missed
 at most ``POLL_SLICE_S``. Use it through configuration (nbclient builds its own clients)::
 
     c.AsyncKernelManager.client_class = "grader.kernel_client.SlicedPollKernelClient"
+
+To count missed wake-ups, set ``N2L_STALL_LOG`` to a file: every reply read ``LATE_S`` or more
+after the kernel sent it (by the timestamp in its header) is appended there as one JSON line.
+The test suite does this and prints the count at its end.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
 
@@ -26,6 +33,24 @@ from traitlets import Type
 
 POLL_SLICE_S = 0.5
 CLIENT_CLASS = "grader.kernel_client.SlicedPollKernelClient"
+STALL_LOG_ENV = "N2L_STALL_LOG"
+LATE_S = 0.4  # far above a reply's usual delivery (milliseconds), just under one slice
+
+
+def note_if_late(msg: dict[str, Any]) -> None:
+    """Append a reply that sat unread for ``LATE_S`` or more to the stall log (when one is set)."""
+    path = os.environ.get(STALL_LOG_ENV)
+    header = msg.get("header") if isinstance(msg, dict) else None
+    sent = header.get("date") if isinstance(header, dict) else None
+    if not path or not isinstance(sent, datetime) or not header.get("msg_type", "").endswith("_reply"):
+        return
+    if sent.tzinfo is None:
+        sent = sent.replace(tzinfo=timezone.utc)
+    delay = (datetime.now(timezone.utc) - sent).total_seconds()
+    if delay >= LATE_S:
+        with open(path, "a") as log:
+            log.write(json.dumps({"msg_type": header["msg_type"], "delay_s": round(delay, 3),
+                                  "pid": os.getpid(), "at": time.time()}) + "\n")
 
 
 class SlicedPollChannel(AsyncZMQSocketChannel):
@@ -36,10 +61,13 @@ class SlicedPollChannel(AsyncZMQSocketChannel):
         while True:
             left = POLL_SLICE_S if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await super().get_msg(timeout=min(POLL_SLICE_S, left))
+                msg = await super().get_msg(timeout=min(POLL_SLICE_S, left))
             except Empty:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+                continue
+            note_if_late(msg)
+            return msg
 
 
 class SlicedPollKernelClient(AsyncKernelClient):
@@ -48,3 +76,14 @@ class SlicedPollKernelClient(AsyncKernelClient):
     shell_channel_class = Type(SlicedPollChannel)  # type: ignore[assignment]
     iopub_channel_class = Type(SlicedPollChannel)  # type: ignore[assignment]
     control_channel_class = Type(SlicedPollChannel)  # type: ignore[assignment]
+
+
+def notebook_client(nb, **options):
+    """An ``nbclient.NotebookClient`` for ``nb`` whose kernel client is this one: for every
+    notebook the course runs outside nbgrader (benchmarks, tools); options go to NotebookClient."""
+    from nbclient import NotebookClient
+    from traitlets.config import Config
+
+    config = Config()
+    config.AsyncKernelManager.client_class = CLIENT_CLASS
+    return NotebookClient(nb, config=config, **options)

@@ -1,10 +1,12 @@
-"""Helpers shared by the grader tests: run the CLI, read the grades CSV."""
+"""Helpers shared by the grader tests: run the CLI, read the grades CSV, the cells of a notebook,
+the wrong-answer fixtures."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import fcntl
+import importlib.util
 import json
 import os
 import subprocess
@@ -72,3 +74,62 @@ def fill_answers(notebook: nbformat.NotebookNode, answers: dict[str, str]) -> nb
         if grade_id in answers:
             cell.source = answers[grade_id]
     return filled
+
+
+def cell_role(metadata: dict) -> str:
+    """"answer", "test" or "demo" for a code cell's metadata, as nbgrader reads it."""
+    meta = metadata.get("nbgrader", {})
+    if meta.get("solution") and not meta.get("grade"):
+        return "answer"
+    if meta.get("grade") and not meta.get("solution"):
+        return "test"
+    return "demo"
+
+
+def cells_by_role(nb: dict) -> tuple[dict[str, str], dict[str, float]]:
+    """(answer grade_id -> source, test grade_id -> points) of a notebook."""
+    answers, tests = {}, {}
+    for cell in nb["cells"]:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        role = cell_role(cell.get("metadata", {})) if cell["cell_type"] == "code" else "demo"
+        if role == "answer":
+            answers[meta["grade_id"]] = source
+        elif role == "test":
+            tests[meta["grade_id"]] = float(meta.get("points", 0))
+    return answers, tests
+
+
+FIXTURES = REPO / "tests" / "fixtures" / "wrong_answers"
+
+
+def wrong_answers(chapter: str) -> list[dict]:
+    """The chapter's wrong-answer fixtures: ``{"name", "answers": {cell: source}, "fails": [...]}``."""
+    path = FIXTURES / f"{chapter}.py"
+    if not path.exists():
+        return []
+    spec = importlib.util.spec_from_file_location(f"wrong_{chapter}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.WRONG_ANSWERS
+
+
+def combined_wrong_answer(chapter: str, most: int = 3) -> dict:
+    """One submission with several of the chapter's wrong answers, in different exercises.
+
+    Taken in the fixtures' order: a wrong answer joins when it replaces other answer cells and
+    fails other test cells than those already chosen, so the expected failures are their union.
+    The in-process check grades this combination too, so an interaction the union misses shows
+    up there first.
+    """
+    names, answers, fails = [], {}, set()
+    for case in wrong_answers(chapter):
+        if set(case["answers"]) & set(answers) or set(case["fails"]) & fails:
+            continue
+        names.append(case["name"])
+        answers.update(case["answers"])
+        fails |= set(case["fails"])
+        if len(names) == most:
+            break
+    return {"name": "combined: " + " + ".join(names), "answers": answers, "fails": sorted(fails),
+            "parts": names}

@@ -21,6 +21,8 @@ from grader.sandbox import FIRST_UID
 from tests.grading_helpers import once_per_session, read_grades, run_grader, tree_digest
 from tests.mini_course import CHAPTER, MAX_SCORE, make_course, solved
 
+pytestmark = pytest.mark.grader  # the real grader: make test runs these, make check does not
+
 CORRECT_ADD = "def add(a, b):\n    return a + b\n"
 
 

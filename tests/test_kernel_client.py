@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import types
 from queue import Empty
 
@@ -82,3 +83,37 @@ def test_grader_and_student_configs_use_it(tmp_path):
     workspace.write_config()
     assert f"c.AsyncKernelManager.client_class = {CLIENT_CLASS!r}" in \
         (tmp_path / "ws" / "nbgrader_config.py").read_text()
+
+
+def _reply(seconds_ago: float, msg_type: str = "execute_reply") -> dict:
+    from datetime import datetime, timedelta, timezone
+
+    sent = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
+    return {"header": {"msg_type": msg_type, "date": sent}}
+
+
+def test_late_replies_are_logged(tmp_path, monkeypatch):
+    log = tmp_path / "stalls.jsonl"
+    monkeypatch.setenv(kernel_client.STALL_LOG_ENV, str(log))
+    kernel_client.note_if_late(_reply(0.01))  # delivered at once
+    kernel_client.note_if_late(_reply(2.0, "stream"))  # output, not a reply
+    assert not log.exists()
+    kernel_client.note_if_late(_reply(0.45))
+    kernel_client.note_if_late(_reply(3.0, "kernel_info_reply"))
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["msg_type"] for line in lines] == ["execute_reply", "kernel_info_reply"]
+    assert json.loads(lines[1])["delay_s"] >= 3.0
+
+
+def test_no_log_without_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv(kernel_client.STALL_LOG_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    kernel_client.note_if_late(_reply(5.0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_notebook_client_uses_it():
+    import nbformat
+
+    client = kernel_client.notebook_client(nbformat.v4.new_notebook(), kernel_name="python3")
+    assert client.create_kernel_manager().client_factory is SlicedPollKernelClient

@@ -20,6 +20,8 @@ from tests import test_grader
 from tests.grading_helpers import REPO, read_grades, run_grader
 from tests.mini_course import CHAPTER
 
+pytestmark = pytest.mark.grader  # the real grader: make test runs these, make check does not
+
 # Fixtures used here: the PostgreSQL server, and the mini course and SQLite batch of test_grader.py.
 postgres_server, postgres_url = pg.postgres_server, pg.postgres_url
 course, release_nb, graded = test_grader.course, test_grader.release_nb, test_grader.graded

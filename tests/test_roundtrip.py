@@ -1,13 +1,20 @@
-"""The grading round trip of every chapter, through the real CLI, as an instructor runs it.
+"""The grading round trip of every chapter, through the real CLI and the sandbox, as an instructor
+runs it.
 
-For each chapter: the solution notebook as a submission scores full marks; the blank release
-scores 0 on every autograded cell; each wrong answer in ``tests/fixtures/wrong_answers/<chapter>.py``
-fails exactly the test cells it lists and passes all the others.
+For each chapter, three submissions in one batch:
+- the solution, as a student would hand it in: full marks, no flags, and no cell of the graded
+  notebook (demos included) raised. This is also where each solution notebook runs top to
+  bottom, hidden tests and all, in a fresh kernel;
+- the blank release: 0 on every test cell;
+- several wrong answers in different exercises at once (``combined_wrong_answer``): exactly the
+  points of the test cells they do not fail.
+
+Each wrong answer on its own is checked against the same hidden tests and trusted checks in
+tests/test_answers.py, without a kernel per fixture.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -15,54 +22,32 @@ import nbformat
 import pytest
 
 from grader.course import list_chapters
-from tests.grading_helpers import REPO, fill_answers, read_grades, run_grader
+from tests.grading_helpers import (
+    REPO,
+    cells_by_role,
+    combined_wrong_answer,
+    fill_answers,
+    read_grades,
+    run_grader,
+)
 
 CHAPTERS = list_chapters(REPO)
-FIXTURES = REPO / "tests" / "fixtures" / "wrong_answers"
-
-
-def wrong_answers(chapter: str) -> list[dict]:
-    path = FIXTURES / f"{chapter}.py"
-    if not path.exists():
-        return []
-    spec = importlib.util.spec_from_file_location(f"wrong_{chapter}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.WRONG_ANSWERS
-
-
-def cells_by_role(nb: nbformat.NotebookNode) -> tuple[dict[str, str], dict[str, float]]:
-    """(answer grade_id -> source, test grade_id -> points)."""
-    answers, tests = {}, {}
-    for cell in nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if meta.get("solution") and not meta.get("grade"):
-            answers[meta["grade_id"]] = cell.source
-        elif meta.get("grade") and not meta.get("solution"):
-            tests[meta["grade_id"]] = float(meta.get("points", 0))
-    return answers, tests
 
 
 def graded(chapter: str, base: Path) -> dict:
     source = nbformat.read(REPO / "solutions" / chapter / f"{chapter}.ipynb", as_version=4)
     release = nbformat.read(REPO / "chapters" / chapter / f"{chapter}.ipynb", as_version=4)
     solutions, tests = cells_by_role(source)
+    combined = combined_wrong_answer(chapter)
     subs = base / "submissions"
-    expected: dict[str, set[str]] = {"solution": set(), "blank": set(tests)}
-    # The solution as a student would hand it in: the release with every answer filled (the
-    # source notebook itself holds hidden tests, so its locked cells differ from the release).
-    (subs / "solution").mkdir(parents=True)
-    nbformat.write(fill_answers(release, solutions), str(subs / "solution" / f"{chapter}.ipynb"))
+    expected: dict[str, set[str]] = {"solution": set(), "blank": set(tests), "wrong": set(combined["fails"])}
+    # The release with every answer filled (the source notebook itself holds hidden tests, so its
+    # locked cells differ from the release).
+    for student, answers in [("solution", solutions), ("wrong", {**solutions, **combined["answers"]})]:
+        (subs / student).mkdir(parents=True)
+        nbformat.write(fill_answers(release, answers), str(subs / student / f"{chapter}.ipynb"))
     (subs / "blank").mkdir()
     shutil.copy(REPO / "chapters" / chapter / f"{chapter}.ipynb", subs / "blank")
-    for i, wrong in enumerate(wrong_answers(chapter), start=1):
-        unknown = (set(wrong["answers"]) - set(solutions)) | (set(wrong["fails"]) - set(tests))
-        assert not unknown, f"{chapter} fixture {wrong['name']!r} names unknown cells {unknown}"
-        student = f"wrong{i}"
-        (subs / student).mkdir()
-        nbformat.write(fill_answers(release, {**solutions, **wrong["answers"]}),
-                       str(subs / student / f"{chapter}.ipynb"))
-        expected[student] = set(wrong["fails"])
     workspace = base / "workspace"
     auto = run_grader("autograde", subs, "--chapter", chapter, "--workspace", workspace,
                       "--jobs", "2", "--notebook-timeout", "600",
@@ -71,13 +56,16 @@ def graded(chapter: str, base: Path) -> dict:
     report = run_grader("report", "--chapter", chapter, "--workspace", workspace, "--no-feedback")
     assert report.returncode == 0, report.stderr
     return {"grades": read_grades(workspace, chapter), "tests": tests, "expected": expected,
-            "autograde": auto}
+            "autograde": auto, "combined": combined["name"],
+            "solution_notebook": workspace / "autograded" / "solution" / chapter / f"{chapter}.ipynb"}
 
 
-@pytest.mark.roundtrip
-@pytest.mark.parametrize("chapter", CHAPTERS)
-def test_has_enough_wrong_answers(chapter):
-    assert len(wrong_answers(chapter)) >= 3, f"{chapter} needs >= 3 wrong-answer fixtures"
+def cell_errors(path: Path) -> list[str]:
+    """``cell N: Ename: message`` for every error output of a notebook."""
+    nb = nbformat.read(path, as_version=4)
+    return [f"cell {i}: {out.get('ename')}: {str(out.get('evalue'))[:200]}"
+            for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])
+            if out.get("output_type") == "error"]
 
 
 @pytest.mark.roundtrip
@@ -102,8 +90,9 @@ def test_round_trip(chapter, tmp_path_factory):
             problems.append(f"{student}: total {row['score']}, expected {want_total:g}")
         if student == "solution" and row["flags"]:
             problems.append(f"{student}: flagged {row['flags']!r}, expected no flags")
-    names = {f"wrong{i}": w["name"] for i, w in enumerate(wrong_answers(chapter), start=1)}
-    assert not problems, "\n".join(f"{p} ({names.get(p.split(':')[0], '')})" for p in problems)
+    if grades["solution"]["status"] == "graded":
+        problems += [f"solution: {e}" for e in cell_errors(result["solution_notebook"])]
+    assert not problems, "\n".join(problems) + f"\n(wrong = {result['combined']})"
 
 
 def test_chapters_found():

@@ -9,7 +9,6 @@ verdict. With every answer right the dialog must say the notebook passes; with o
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 
@@ -18,6 +17,7 @@ import pytest
 
 from tests.e2e.lab import REPO
 from tests.e2e.notebook import LabNotebook
+from tests.grading_helpers import wrong_answers
 
 # The lightest chapter: Validate runs the whole notebook, twice in this file.
 CHAPTER = "ch00_big_picture"
@@ -45,11 +45,7 @@ def solution_answers() -> dict[str, str]:
 
 
 def first_wrong_answer() -> dict:
-    path = REPO / "tests" / "fixtures" / "wrong_answers" / f"{CHAPTER}.py"
-    spec = importlib.util.spec_from_file_location(f"e2e_wrong_{CHAPTER}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.WRONG_ANSWERS[0]
+    return wrong_answers(CHAPTER)[0]
 
 
 def normalised(text: str) -> str:

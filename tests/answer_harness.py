@@ -1,0 +1,266 @@
+"""Grade sets of answers to a chapter in plain Python processes: the same test code the grader
+runs, without nbgrader, a kernel or a sandbox.
+
+The wrong-answer fixtures only change one or two answer cells each, so running each one as a whole
+notebook through the grader would mostly re-run the same demos. Instead, per chapter:
+
+    python -m tests.answer_harness CHAPTER CASES.json RESULTS.json      (one fresh process)
+      1. the setup cell (imports, seeds) runs once;
+      2. for each case, a forked child runs, in notebook order, every answer cell (the solution's,
+         or the case's replacement) and every test cell of the *source* notebook, hidden tests
+         included (what ``nbgrader autograde`` runs), and records which test cells raised;
+      3. the child then runs the chapter's trusted checks (solutions/<chapter>/probes.py) on the
+         secret inputs it was given and sends back their outputs as plain tensors;
+    back in the caller, :func:`grade_cases` decides the trusted checks (grader.probes.decide) and
+    combines both as the grader does: a test cell keeps its points only when it ran without an
+    error *and* its trusted check agrees.
+
+Demo cells (the other code cells) are skipped: no test cell reads a name they define (checked by
+:func:`demo_names_read_by_tests`). The whole-notebook path, demos and all, is still exercised by
+each chapter's round trip through the real grader (tests/test_roundtrip.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.grading_helpers import REPO, cell_role
+
+CASE_TIMEOUT_S = 180.0  # per case; a stuck case fails with "timed out", the others still run
+
+
+# -- the cells of a chapter -----------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    kind: str  # "setup" (the first code cell, when not graded) | "answer" | "test" | "demo"
+    grade_id: str
+    source: str
+
+
+def source_cells(chapter: str, root: Path = REPO) -> list[Cell]:
+    """The code cells of the chapter's source notebook (solutions, hidden tests included)."""
+    nb = json.loads((root / "solutions" / chapter / f"{chapter}.ipynb").read_text())
+    cells = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        kind = cell_role(cell.get("metadata", {}))
+        if not cells and kind == "demo":
+            kind = "setup"  # the first code cell: imports and seeds, run once per chapter
+        cells.append(Cell(kind, cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", ""), source))
+    return cells
+
+
+def demo_names_read_by_tests(chapter: str, root: Path = REPO) -> dict[str, list[str]]:
+    """Test cell -> names it reads that only a demo cell defines (must be empty for the harness)."""
+    import ast
+
+    defined_by: dict[str, str] = {}
+    found: dict[str, list[str]] = {}
+    for cell in source_cells(chapter, root):
+        tree = ast.parse("\n".join(line for line in cell.source.splitlines()
+                                   if not line.lstrip().startswith(("%", "!"))))
+        stored, loaded = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                (stored if isinstance(node.ctx, ast.Store) else loaded).add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                stored.add(node.name)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                stored.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                stored.update((a.asname or a.name).split(".")[0] for a in node.names)
+        if cell.kind == "test":
+            demo_only = sorted(n for n in loaded - stored if defined_by.get(n) == "demo")
+            if demo_only:
+                found[cell.grade_id] = demo_only
+        for name in stored:
+            defined_by[name] = cell.kind
+    return found
+
+
+# -- the caller's side ----------------------------------------------------------------------------
+
+
+@dataclass
+class CaseResult:
+    name: str
+    kernel_errors: dict[str, str]  # test cell -> the error it raised (absent: it passed)
+    checks: dict[str, str]  # test cell -> "passed" or why its trusted check failed
+    seconds: float
+    output: str = ""  # what the cells printed (the end of it), for a failure message
+    fails: set[str] = field(default_factory=set)  # test cells that score 0, as the grader decides
+
+    def describe(self, cell: str) -> str:
+        why = [f"the case's process: {self.kernel_errors['*']}"] if "*" in self.kernel_errors else []
+        if cell in self.kernel_errors:
+            why.append(f"in-kernel: {self.kernel_errors[cell]}")
+        if self.checks.get(cell, "passed") != "passed":
+            why.append(f"trusted check: {self.checks[cell]}")
+        return "; ".join(why) or "passed"
+
+
+def grade_cases(chapter: str, cases: list[dict], root: Path = REPO,
+                timeout: float = CASE_TIMEOUT_S) -> list[CaseResult]:
+    """Grade each case ``{"name", "answers": {answer cell: source}}`` of ``chapter``.
+
+    One fresh Python process runs them all (see the module docstring); the trusted checks are
+    decided here, on inputs from a new secret seed.
+    """
+    from grader import probes as P
+
+    checks = P.load_probes(root / "solutions" / chapter / "probes.py")
+    inputs = P.make_inputs(checks, P.new_seed())
+    with tempfile.TemporaryDirectory(prefix="n2l-harness-") as tmp:
+        request, answer = Path(tmp) / "cases.json", Path(tmp) / "results.json"
+        request.write_text(json.dumps({"root": str(root), "inputs": P.encode(inputs), "timeout": timeout,
+                                       "cases": [{"name": c["name"], "answers": c.get("answers", {})}
+                                                 for c in cases]}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+               "COURSE_QUICK": os.environ.get("COURSE_QUICK", "1")}
+        run = subprocess.run([sys.executable, "-m", "tests.answer_harness", chapter, str(request),
+                              str(answer)], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60 + timeout * (len(cases) + 1))
+        if run.returncode != 0 or not answer.exists():
+            raise RuntimeError(f"the answer harness for {chapter} failed (exit {run.returncode}):\n"
+                               + (run.stdout + run.stderr)[-4000:])
+        raw = json.loads(answer.read_text())
+    results = []
+    tests = [c.grade_id for c in source_cells(chapter, root) if c.kind == "test"]
+    for case in raw:
+        verdicts = P.decide(checks, inputs, case["payload"])
+        result = CaseResult(case["name"], case["kernel_errors"],
+                            {k: "passed" if v.passed else v.reason for k, v in verdicts.items()},
+                            case["seconds"], case["output"])
+        broken = "*" in result.kernel_errors  # the case's process timed out or died: nothing passed
+        result.fails = {t for t in tests if broken or t in result.kernel_errors
+                        or result.checks.get(t) != "passed"}
+        results.append(result)
+    return results
+
+
+# -- the chapter process --------------------------------------------------------------------------
+
+
+def _run_case(cells: list[Cell], namespace: dict, answers: dict[str, str], inputs_text: str,
+              probes_path: Path) -> dict:
+    """In the forked child: answer and test cells in order, then the trusted checks' outputs."""
+    from grader import probes as P
+
+    kernel_errors = {}
+    for cell in cells:
+        if cell.kind == "answer":
+            source = answers.get(cell.grade_id, cell.source)
+        elif cell.kind == "test":
+            source = cell.source
+        else:
+            continue
+        try:
+            exec(compile(source, f"<{cell.grade_id}>", "exec"), namespace)  # noqa: S102 - our notebook
+        except BaseException as error:  # noqa: BLE001 - a cell's error is a failed cell, as in a kernel
+            if cell.kind == "test":
+                kernel_errors[cell.grade_id] = f"{type(error).__name__}: {error}"[:500]
+            # An answer cell that raises leaves its names undefined; the tests then fail on them.
+    checks = P.load_probes(probes_path)
+    inputs = P.decode(inputs_text)
+    outputs, errors = {}, {}
+    for i, probe in enumerate(checks):
+        try:
+            outputs[str(i)] = P.as_tensors(probe.run(namespace, inputs.get(str(i), {})))
+        except BaseException as error:  # noqa: BLE001
+            errors[str(i)] = f"{type(error).__name__}: {error}"[:500]
+    return {"kernel_errors": kernel_errors, "payload": {"outputs": P.encode(outputs), "errors": errors}}
+
+
+def _in_child(cells, namespace, case, inputs_text, probes_path, write_fd) -> None:
+    """The forked child: run the case, write one JSON result to ``write_fd``, never return."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            result = _run_case(cells, namespace, case["answers"], inputs_text, probes_path)
+    except BaseException:  # noqa: BLE001 - the harness itself failed: say so in the result
+        result = {"kernel_errors": {"*": traceback.format_exc()[-2000:]},
+                  "payload": None}
+    result["output"] = captured.getvalue()[-3000:]
+    data = json.dumps(result).encode()
+    with os.fdopen(write_fd, "wb") as pipe:
+        pipe.write(data)
+    os._exit(0)
+
+
+def _collect(pid: int, read_fd: int, timeout: float) -> bytes | None:
+    """Everything the child writes to ``read_fd``, or None if it is not done within ``timeout``."""
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_fd)
+            return None
+        ready, _, _ = select.select([read_fd], [], [], min(left, 1.0))
+        if ready:
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    return b"".join(chunks)
+
+
+def main(chapter: str, request_path: str, results_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # before any parallel region: the children are forked from here
+    request = json.loads(Path(request_path).read_text())
+    root = Path(request["root"])
+    cells = source_cells(chapter, root)
+    namespace: dict = {"__name__": "__main__"}
+    from IPython.display import display
+
+    namespace["display"] = display  # what a kernel provides without an import
+    for cell in cells[:1]:
+        if cell.kind == "setup":
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(cell.source, "<setup>", "exec"), namespace)  # noqa: S102
+    results = []
+    for case in request["cases"]:
+        start = time.monotonic()
+        read_fd, write_fd = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _in_child(cells, namespace, case, request["inputs"],
+                      root / "solutions" / chapter / "probes.py", write_fd)
+        os.close(write_fd)
+        data = _collect(pid, read_fd, request["timeout"])
+        if not data:
+            why = "timed out" if data is None else "the case's process died without a result"
+            result = {"kernel_errors": {"*": f"{why} after {time.monotonic() - start:.0f} s"},
+                      "payload": None, "output": ""}
+        else:
+            result = json.loads(data)
+        results.append({"name": case["name"], "seconds": round(time.monotonic() - start, 2), **result})
+    Path(results_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
