@@ -58,8 +58,8 @@ test: setup system-deps
 	$(E2E_PYTEST)
 
 # The contributors' fast loop (a few minutes): lint, unit tests, release in sync (test_notebooks),
-# every chapter's trusted checks and wrong answers in-process. Not the grader's sandboxed runs, the round trips
-# or the browser (make test has them).
+# every chapter's trusted checks and wrong answers in-process. Not the grader's sandboxed runs,
+# the round trips or the browser (make test has them).
 check: setup
 	$(BIN)/ruff check .
 	$(TEST_ENV) $(BIN)/python -m pytest -n auto -q -m "not grader and not roundtrip" \
