@@ -24,14 +24,14 @@ import tempfile
 sys.modules.setdefault("rfc3987_syntax", None)
 
 # What the forkserver imports once: nbgrader's app and everything an autograde run loads.
-PRELOAD = ["grader.nbgrader_main", "nbgrader.apps.nbgraderapp", "nbgrader.apps.autogradeapp",
-           "nbgrader.preprocessors", "nbconvert.preprocessors", "nbclient", "jupyter_client.manager",
-           "jupyter_client.asynchronous", "grader.preprocessors", "grader.kernel_client", "nbgrader.api",
-           "alembic.script"]
+# (nbgraderapp brings nbconvert, nbclient, jupyter_client and the gradebook API with it.)
+PRELOAD = ["grader.nbgrader_main", "nbgrader.apps.nbgraderapp", "grader.preprocessors",
+           "grader.kernel_client", "alembic.script"]
 
 
 def speed_up_nbgrader() -> None:
-    """Skip the grammar and the alembic subprocess; call before nbgrader (or nbformat) is imported."""
+    """Skip the grammar (this module's import already did, when it came first) and the alembic
+    subprocess (any time before the gradebook opens)."""
     sys.modules.setdefault("rfc3987_syntax", None)
     import nbgrader.api
     from alembic.script import ScriptDirectory

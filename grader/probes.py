@@ -142,10 +142,9 @@ def harness_cell(probes_path: str, inputs: dict[str, Tensors]) -> str:
 # -- inside the student's kernel ----------------------------------------------------------------
 
 
-def run_in_kernel(namespace: dict[str, Any], probes_path: str, inputs_text: str) -> None:
-    """Call every probe on its inputs and publish the outputs (runs in the sandboxed kernel)."""
-    from IPython.display import publish_display_data
-
+def kernel_outputs(namespace: dict[str, Any], probes_path: str, inputs_text: str) -> dict[str, Any]:
+    """Call every probe on its inputs: ``{"outputs": encoded tensors, "errors": {probe: why}}``,
+    the payload :func:`decide` reads (runs where the student's code ran)."""
     probes = load_probes(Path(probes_path))
     inputs = decode(inputs_text)
     outputs, errors = {}, {}
@@ -154,10 +153,18 @@ def run_in_kernel(namespace: dict[str, Any], probes_path: str, inputs_text: str)
             outputs[str(i)] = as_tensors(probe.run(namespace, inputs.get(str(i), {})))
         except BaseException as error:  # noqa: BLE001 - a student's error is a verdict, not a crash
             errors[str(i)] = f"{type(error).__name__}: {error}"[:500]
+    return {"outputs": encode(outputs), "errors": errors}
+
+
+def run_in_kernel(namespace: dict[str, Any], probes_path: str, inputs_text: str) -> None:
+    """Publish :func:`kernel_outputs` as display data (runs in the sandboxed kernel)."""
+    from IPython.display import publish_display_data
+
+    payload = kernel_outputs(namespace, probes_path, inputs_text)
     publish_display_data(
         {
-            MIME: {"outputs": encode(outputs), "errors": errors},
-            "text/plain": f"trusted checks: {len(outputs)} ran, {len(errors)} raised",
+            MIME: payload,
+            "text/plain": f"trusted checks done, {len(payload['errors'])} raised",
         }
     )
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing
 import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -158,70 +157,28 @@ def grade_cases(chapter: str, cases: list[dict], root: Path = REPO,
 
 
 def _run_case(cells: list[Cell], namespace: dict, answers: dict[str, str], inputs_text: str,
-              probes_path: Path) -> dict:
-    """In the forked child: answer and test cells in order, then the trusted checks' outputs."""
+              probes_path: Path, send) -> None:
+    """In the forked child: answer and test cells in order, then the trusted checks' outputs;
+    sends ``{"kernel_errors", "payload", "output"}`` through the pipe ``send``."""
     from grader import probes as P
 
-    kernel_errors = {}
-    for cell in cells:
-        if cell.kind == "answer":
-            source = answers.get(cell.grade_id, cell.source)
-        elif cell.kind == "test":
-            source = cell.source
-        else:
-            continue
+    kernel_errors, captured = {}, io.StringIO()
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        for cell in cells:
+            if cell.kind not in ("answer", "test"):
+                continue
+            source = answers.get(cell.grade_id, cell.source) if cell.kind == "answer" else cell.source
+            try:
+                exec(compile(source, f"<{cell.grade_id}>", "exec"), namespace)  # noqa: S102 - our notebook
+            except BaseException as error:  # noqa: BLE001 - a cell's error fails the cell, as in a kernel
+                if cell.kind == "test":
+                    kernel_errors[cell.grade_id] = f"{type(error).__name__}: {error}"[:500]
+                # An answer cell that raises leaves its names undefined; the tests then fail on them.
         try:
-            exec(compile(source, f"<{cell.grade_id}>", "exec"), namespace)  # noqa: S102 - our notebook
-        except BaseException as error:  # noqa: BLE001 - a cell's error is a failed cell, as in a kernel
-            if cell.kind == "test":
-                kernel_errors[cell.grade_id] = f"{type(error).__name__}: {error}"[:500]
-            # An answer cell that raises leaves its names undefined; the tests then fail on them.
-    checks = P.load_probes(probes_path)
-    inputs = P.decode(inputs_text)
-    outputs, errors = {}, {}
-    for i, probe in enumerate(checks):
-        try:
-            outputs[str(i)] = P.as_tensors(probe.run(namespace, inputs.get(str(i), {})))
-        except BaseException as error:  # noqa: BLE001
-            errors[str(i)] = f"{type(error).__name__}: {error}"[:500]
-    return {"kernel_errors": kernel_errors, "payload": {"outputs": P.encode(outputs), "errors": errors}}
-
-
-def _in_child(cells, namespace, case, inputs_text, probes_path, write_fd) -> None:
-    """The forked child: run the case, write one JSON result to ``write_fd``, never return."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-            result = _run_case(cells, namespace, case["answers"], inputs_text, probes_path)
-    except BaseException:  # noqa: BLE001 - the harness itself failed: say so in the result
-        result = {"kernel_errors": {"*": traceback.format_exc()[-2000:]},
-                  "payload": None}
-    result["output"] = captured.getvalue()[-3000:]
-    data = json.dumps(result).encode()
-    with os.fdopen(write_fd, "wb") as pipe:
-        pipe.write(data)
-    os._exit(0)
-
-
-def _collect(pid: int, read_fd: int, timeout: float) -> bytes | None:
-    """Everything the child writes to ``read_fd``, or None if it is not done within ``timeout``."""
-    chunks, deadline = [], time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_fd)
-            return None
-        ready, _, _ = select.select([read_fd], [], [], min(left, 1.0))
-        if ready:
-            chunk = os.read(read_fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    return b"".join(chunks)
+            payload = P.kernel_outputs(namespace, str(probes_path), inputs_text)
+        except Exception:  # noqa: BLE001 - probes.py itself is broken: say so, not "died"
+            kernel_errors["*"], payload = traceback.format_exc()[-2000:], None
+    send.send({"kernel_errors": kernel_errors, "payload": payload, "output": captured.getvalue()[-3000:]})
 
 
 def main(chapter: str, request_path: str, results_path: str) -> None:
@@ -230,34 +187,33 @@ def main(chapter: str, request_path: str, results_path: str) -> None:
     torch.set_num_threads(1)  # before any parallel region: the children are forked from here
     request = json.loads(Path(request_path).read_text())
     root = Path(request["root"])
+    probes_path = root / "solutions" / chapter / "probes.py"
     cells = source_cells(chapter, root)
-    namespace: dict = {"__name__": "__main__"}
     from IPython.display import display
 
-    namespace["display"] = display  # what a kernel provides without an import
-    for cell in cells[:1]:
-        if cell.kind == "setup":
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(cell.source, "<setup>", "exec"), namespace)  # noqa: S102
+    namespace: dict = {"__name__": "__main__", "display": display}  # display: a kernel's builtin
+    if cells and cells[0].kind == "setup":
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(cells[0].source, "<setup>", "exec"), namespace)  # noqa: S102
+    context = multiprocessing.get_context("fork")  # each case starts from the set-up namespace
     results = []
     for case in request["cases"]:
         start = time.monotonic()
-        read_fd, write_fd = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            _in_child(cells, namespace, case, request["inputs"],
-                      root / "solutions" / chapter / "probes.py", write_fd)
-        os.close(write_fd)
-        data = _collect(pid, read_fd, request["timeout"])
-        if not data:
-            why = "timed out" if data is None else "the case's process died without a result"
-            result = {"kernel_errors": {"*": f"{why} after {time.monotonic() - start:.0f} s"},
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_run_case, args=(cells, namespace, case["answers"],
+                                                        request["inputs"], probes_path, send))
+        child.start()
+        send.close()
+        try:
+            result = receive.recv() if receive.poll(request["timeout"]) else "timed out"
+        except EOFError:
+            result = "died without a result"
+        if isinstance(result, str):  # nothing of the case counts: every test cell fails
+            child.kill()
+            result = {"kernel_errors": {"*": f"the case {result} after {time.monotonic() - start:.0f} s"},
                       "payload": None, "output": ""}
-        else:
-            result = json.loads(data)
+        child.join()
+        receive.close()
         results.append({"name": case["name"], "seconds": round(time.monotonic() - start, 2), **result})
     Path(results_path).write_text(json.dumps(results))
 

@@ -12,7 +12,7 @@ os.environ["MPLBACKEND"] = "Agg"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from grader.kernel_client import STALL_LOG_ENV  # noqa: E402
+from grader.kernel_client import LATE_S, STALL_LOG_ENV  # noqa: E402
 
 
 def pytest_configure(config):
@@ -31,7 +31,7 @@ def pytest_terminal_summary(terminalreporter, config):
     lines = Path(path).read_text().splitlines()
     worst = max((json.loads(line)["delay_s"] for line in lines), default=0.0)
     terminalreporter.write_line(
-        f"kernel replies read late (a wake-up missed for >= 0.4 s, grader/kernel_client.py): {len(lines)}"
+        f"kernel replies read >= {LATE_S} s after they were sent (grader/kernel_client.py): {len(lines)}"
         + (f", worst {worst:.2f} s; log: {path}" if lines else ""))
     if not lines:
         os.unlink(path)
