@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--db-url", default=None, metavar="URL", help=database.CLI_HELP)
     rep.add_argument("--workspace", type=Path, required=True)
     rep.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
+    from grader.similarity import DEFAULT_THRESHOLDS as similar  # see grader/similarity.py
+
+    rep.add_argument("--no-similarity", action="store_true",
+                     help="skip the code-similarity flags and similarity.html")
+    rep.add_argument("--similarity-threshold", type=float, default=100 * similar.students,
+                     metavar="PCT", help="flag two students when PCT%% of one's answer code is also "
+                                         "in the other's (default %(default)g)")
+    rep.add_argument("--course-lib-threshold", type=float, default=100 * similar.course_lib,
+                     metavar="PCT", help="flag an answer cell when PCT%% of it is in a course_lib "
+                                         "function, or PCT%% of the function in it (default %(default)g)")
+    rep.add_argument("--similarity-min-overlap", type=int, default=similar.min_overlap, metavar="N",
+                     help="and only when at least N characters of tokenised code are in common "
+                          "(default %(default)s: short, obvious answers are alike by chance)")
     return parser
 
 
@@ -135,9 +148,19 @@ def _run(args: argparse.Namespace) -> int:
 
     if database.is_postgres(ws.db_url):  # a clear message for a wrong URL or password
         database.check_database(ws.db_url)
-    out = write_report(ws, chapter, feedback=not args.no_feedback)
+    from grader.similarity import Thresholds
+
+    try:
+        similarity = None if args.no_similarity else Thresholds(
+            students=args.similarity_threshold / 100, course_lib=args.course_lib_threshold / 100,
+            min_overlap=args.similarity_min_overlap)
+    except ValueError:
+        raise GraderError("--similarity-threshold and --course-lib-threshold must be percentages in "
+                          "(0, 100], --similarity-min-overlap at least 0") from None
+    out = write_report(ws, chapter, feedback=not args.no_feedback, similarity=similarity)
     rows, _ = collect_rows(ws, chapter)
     print((out / "summary.md").read_text())
     print(f"wrote {out / 'grades.csv'}, {out / 'summary.md'}, {out / 'pass_rates.png'}"
-          + ("" if args.no_feedback else f", {out / 'feedback'}/"))
+          + ("" if args.no_feedback else f", {out / 'feedback'}/")
+          + ("" if args.no_similarity else f", {out / 'similarity.html'}"))
     return 0

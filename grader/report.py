@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grader import GraderError
+from grader.similarity import DEFAULT_THRESHOLDS, Thresholds, similarity_flags
 from grader.workspace import Workspace
 
 
@@ -82,11 +83,19 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def write_report(ws: Workspace, chapter: str, feedback: bool = True) -> Path:
-    """Write ``reports/<chapter>/``; returns that folder."""
+def write_report(ws: Workspace, chapter: str, feedback: bool = True,
+                 similarity: Thresholds | None = DEFAULT_THRESHOLDS) -> Path:
+    """Write ``reports/<chapter>/``; returns that folder. ``similarity=None``: no similarity flags."""
     rows, cells = collect_rows(ws, chapter)
     out = ws.reports(chapter)
     out.mkdir(parents=True, exist_ok=True)
+    # Code similarity (grader/similarity.py): computed from the submissions now, never stored.
+    (out / "similarity.html").unlink(missing_ok=True)
+    if similarity is not None:
+        found = similarity_flags(ws, chapter, [r.student for r in rows], out / "similarity.html",
+                                 similarity)
+        for row in rows:
+            row.flags += found.flags.get(row.student, [])
     max_score = sum(p for _, p in cells)
 
     with open(out / "grades.csv", "w", newline="") as fh:
