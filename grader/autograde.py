@@ -37,8 +37,8 @@ from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 
-from grader import GraderError, database, ingest, nbgrader_main, probes, sandbox
-from grader.flags import submission_flags
+from grader import GraderError, database, ingest, nbgrader_main, preprocessors, probes, sandbox
+from grader.flags import clean_submission, submission_flags
 from grader.workspace import Record, Workspace
 
 # nbgrader processes running now (their pids), so that an interrupted batch can kill them all.
@@ -252,6 +252,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     interrupted = _interrupted_cells(graded)
     if interrupted:
         outcome.flags.append(f"cells did not finish ({', '.join(sorted(set(interrupted)))})")
+    outcome.flags += preprocessors.output_flags(graded)  # outputs capped or scrubbed
     payload = _take_trusted_outputs(graded, cell_source)
     verdicts = probes.decide(settings.checks, inputs, payload)
     outcome.checks = {name: "passed" if v.passed else v.reason for name, v in verdicts.items()}
@@ -350,8 +351,9 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
         if unchanged and not force:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(sub.notebook, str(target))
-        flags[sub.student] = submission_flags(sub.notebook, release)
+        notebook, cleaned = clean_submission(sub.notebook, release)  # malformed graded cells out
+        nbformat.write(notebook, str(target))
+        flags[sub.student] = submission_flags(sub.notebook, release) + cleaned
         if not use_sandbox:
             flags[sub.student].insert(0, "unsafe: graded without a sandbox (--unsafe-no-sandbox)")
         status.records[sub.student] = Record(sub.student, "pending", "", sub.source, sub.sha256)

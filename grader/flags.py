@@ -16,6 +16,8 @@ Two kinds:
 from __future__ import annotations
 
 import ast
+import copy
+import re
 from collections.abc import Iterator
 
 import nbformat
@@ -77,12 +79,21 @@ SUSPICIOUS_MODULES = {
 # Comparison dunders a student has no reason to write in this course.
 SUSPICIOUS_METHODS = {"__eq__", "__ne__", "__bool__", "__lt__", "__le__", "__gt__", "__ge__",
                       "__instancecheck__", "__float__", "__index__", "__array__", "__torch_function__"}
+# IPython's input history holds every cell run so far: at grading time, the hidden tests too.
+HISTORY_NAMES = {"In", "Out", "_ih", "_oh", "_i", "_ii", "_iii", "history_manager"}
+HISTORY_NAME = re.compile(r"^_i?\d+$")  # _i3 (input 3), _3 (output 3)
+HISTORY_MAGICS = {"history", "hist", "recall", "rerun", "save", "macro", "notebook", "pastebin", "edit",
+                  "load", "logstart"}
+HIDDEN_MARKER = re.compile(r"(BEGIN|END) HIDDEN TESTS")
+CELL_ID = re.compile(r"^[a-zA-Z0-9-_]{1,64}$")
 PATCHED_MODULES = {"torch", "numpy", "np", "math", "builtins", "course_lib", "IPython", "sys", "os",
                    "nbgrader", "F", "nn", "random", "json", "checks"}
 
 
 def _meta(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {}) or {}
+    metadata = cell.get("metadata", {})
+    meta = metadata.get("nbgrader", {}) if isinstance(metadata, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _python_source(source: str) -> str:
@@ -103,6 +114,22 @@ def _dotted(node: ast.AST) -> str | None:
     if isinstance(node, ast.Name):
         return ".".join([node.id, *reversed(parts)])
     return None
+
+
+def _reads_history(node: ast.AST) -> bool:
+    """``In``, ``_ih``, ``Out``, ``_i3``, ``x.history_manager``, ``ns["_ih"]``, ``%history``..."""
+    if isinstance(node, ast.Name):
+        return node.id in HISTORY_NAMES or bool(HISTORY_NAME.match(node.id))
+    if isinstance(node, ast.Attribute):
+        return node.attr in HISTORY_NAMES
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value in HISTORY_NAMES or bool(HISTORY_NAME.match(node.value))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+            and node.func.attr in ("run_line_magic", "run_cell_magic", "magic") \
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+        words = node.args[0].value.lstrip("%").split()
+        return bool(words) and words[0] in HISTORY_MAGICS
+    return False
 
 
 def scan_source(source: str) -> Iterator[tuple[int, str]]:
@@ -132,6 +159,8 @@ def scan_source(source: str) -> Iterator[tuple[int, str]]:
                 yield node.lineno, SUSPICIOUS_MODULES[top]
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 1)
+        if _reads_history(node):
+            yield line, "reads input history"
         if isinstance(node, ast.Call):
             name = _dotted(node.func)
             if name:
@@ -163,14 +192,14 @@ def integrity_flags(submitted: nbformat.NotebookNode, release: nbformat.Notebook
     seen: dict[str, int] = {}
     for cell in submitted.cells:
         grade_id = _meta(cell).get("grade_id")
-        if grade_id:
+        if grade_id and isinstance(grade_id, str):  # anything else is dropped by clean_submission
             seen[grade_id] = seen.get(grade_id, 0) + 1
     for grade_id, count in seen.items():
         if count > 1:
             flags.append(f"integrity: cell {grade_id} appears {count} times")
         if grade_id not in released:
-            flags.append(f"integrity: unknown graded cell {grade_id} (not in the release)")
-    by_id = {_meta(c)["grade_id"]: c for c in submitted.cells if _meta(c).get("grade_id")}
+            flags.append(f"integrity: unknown graded cell {_printable(grade_id)} (not in the release)")
+    by_id = {_meta(c)["grade_id"]: c for c in submitted.cells if isinstance(_meta(c).get("grade_id"), str)}
     for grade_id, original in released.items():
         meta = _meta(original)
         cell = by_id.get(grade_id)
@@ -203,3 +232,156 @@ def code_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode)
 
 def submission_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode) -> list[str]:
     return integrity_flags(submitted, release) + code_flags(submitted, release)
+
+
+def _printable(text) -> str:
+    """Text from a submission, safe to print on a terminal: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _cell_of_type(cell: nbformat.NotebookNode, cell_type: str) -> nbformat.NotebookNode:
+    """``cell`` turned into a ``cell_type`` cell (its source and metadata kept)."""
+    if cell.cell_type == cell_type:
+        return cell
+    new = (nbformat.v4.new_code_cell if cell_type == "code" else nbformat.v4.new_markdown_cell)(cell.source)
+    new.metadata = cell.metadata
+    if "id" in cell:
+        new["id"] = cell["id"]
+    return new
+
+
+def _metadata_problem(cell: nbformat.NotebookNode, released: dict, validator) -> str | None:
+    """Why nbgrader would fail on this cell's nbgrader metadata, or None when it is fine."""
+    meta = cell.metadata.get("nbgrader")
+    if not isinstance(meta, dict):
+        return "its nbgrader metadata is not a mapping"
+    try:
+        validator.validate_cell(copy.deepcopy(cell))
+    except Exception as error:  # noqa: BLE001 - jsonschema, nbgrader and KeyError alike
+        text = str(error).strip().splitlines()
+        return _printable((text[0] if text else type(error).__name__)[:120])
+    if not (meta.get("grade") or meta.get("solution") or meta.get("locked")):
+        return None
+    grade_id = meta.get("grade_id")
+    original = released.get(grade_id)
+    if original is None:
+        return _printable(f"grade_id {grade_id!r} is not in the release")
+    if (bool(meta.get("grade")), bool(meta.get("solution"))) != (bool(_meta(original).get("grade")),
+                                                                 bool(_meta(original).get("solution"))):
+        return f"{grade_id} marked as another kind of cell (grade/solution changed)"
+    return None
+
+
+def clean_submission(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode
+                     ) -> tuple[nbformat.NotebookNode, list[str]]:
+    """A copy of ``submitted`` that nbgrader can grade, and an integrity flag per change.
+
+    nbgrader stops with an error on a cell whose nbgrader metadata is invalid (missing or
+    malformed keys, points not a number, a wrong schema_version), names a graded cell the
+    release does not have, turns a test cell into an answer cell, or repeats a grade_id. Such a
+    cell that stands for a cell of the release gets the release's metadata back (the first
+    copy, when no valid one exists); any other loses its nbgrader metadata and runs as a plain
+    cell. The rest is graded normally. Two more things that stop nbgrader are mended: a cell id
+    that breaks nbformat's schema (replaced), and hidden-test markers outside a test cell, on
+    which feedback generation fails (renamed).
+    """
+    from nbgrader.nbgraderformat import MetadataValidator  # nbgrader is slow to import
+
+    nb = copy.deepcopy(submitted)
+    nb.metadata.pop("n2l_output_flags", None)  # only the grader's preprocessors write it
+    released = {_meta(c)["grade_id"]: c for c in release.cells if _meta(c).get("grade_id")}
+    validator = MetadataValidator()
+    entries = []  # (index, grade_id, problem)
+    for index, cell in enumerate(nb.cells):
+        if isinstance(cell.get("metadata"), dict) and "nbgrader" in cell.metadata:
+            grade_id = _meta(cell).get("grade_id") if isinstance(cell.metadata["nbgrader"], dict) else None
+            entries.append((index, grade_id if isinstance(grade_id, str) else None,
+                            _metadata_problem(cell, released, validator)))
+    kept: dict[str, int] = {}  # grade_id -> the one cell that carries it
+    for index, grade_id, problem in entries:
+        meta = _meta(nb.cells[index])
+        if problem is None and grade_id and (meta.get("grade") or meta.get("solution") or meta.get("locked")):
+            kept.setdefault(grade_id, index)
+    flags = []
+    for index, grade_id, problem in entries:
+        cell = nb.cells[index]
+        if problem is None:
+            if grade_id is None or kept.get(grade_id, index) == index:
+                continue
+            problem = f"grade_id {grade_id} repeated"
+        elif grade_id in released and grade_id not in kept:
+            original = released[grade_id]
+            cell.metadata["nbgrader"] = copy.deepcopy(original.metadata["nbgrader"])
+            nb.cells[index] = _cell_of_type(cell, original.cell_type)
+            kept[grade_id] = index
+            flags.append(f"integrity: malformed graded cell {index + 1} ({grade_id}) repaired from the "
+                         f"release ({problem})")
+            continue
+        del cell.metadata["nbgrader"]
+        flags.append(f"integrity: malformed graded cell {index + 1} dropped ({problem}); "
+                     "it runs as a plain cell")
+    for index, cell in enumerate(nb.cells):
+        # nbgrader stops on a notebook that fails nbformat's schema, e.g. a forged cell id
+        cell_id = cell.get("id")
+        if cell_id is not None and not (isinstance(cell_id, str) and CELL_ID.fullmatch(cell_id)):
+            cell["id"] = nbformat.v4.nbbase.random_cell_id()
+            flags.append(f"integrity: invalid cell id in cell {index + 1} replaced")
+        # nbgrader's feedback stops on hidden-test markers outside a test cell (ClearHiddenTests)
+        source = cell.get("source", "")
+        if not _meta(cell).get("grade") and isinstance(source, str) and HIDDEN_MARKER.search(source):
+            cell.source = HIDDEN_MARKER.sub(lambda m: m.group(0).replace(" ", "_"), source)
+            flags.append(f"integrity: hidden-test markers in cell {index + 1} (not a test cell) renamed")
+    return nb, flags
+
+
+def trust_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode,
+                reference_modules: set[str]) -> list[str]:
+    """Code the student wrote that works against the tests themselves: rebinding a test helper the
+    release's setup cell imports (``check_close``, ``forbidden``, ...), or importing a course_lib
+    module that holds this chapter's reference answers (``reference_modules``, e.g.
+    ``course_lib.losses``; the release's own ``import ... as ref`` is not the student's)."""
+    helpers: set[str] = set()
+    for cell in release.cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(_python_source(cell.source))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "course_lib.checks":
+                helpers |= {a.asname or a.name for a in node.names}
+        break  # the setup cell only
+    given = {c.source.strip() for c in release.cells if c.cell_type == "code"}
+    flags = []
+    for index, cell in enumerate(submitted.cells):
+        if cell.cell_type != "code" or cell.source.strip() in given:
+            continue
+        label = _meta(cell).get("grade_id") or f"cell {index + 1}"
+        try:
+            tree = ast.parse(_python_source(cell.source))
+        except SyntaxError:
+            continue
+        found: dict[str, int] = {}
+        for node in ast.walk(tree):
+            bound: list[str] = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound = [node.name]
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                bound = [node.id]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound = [(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"]
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                for module in modules:
+                    if module in reference_modules:
+                        found.setdefault(f"imports {module}, which holds this chapter's reference answers",
+                                         node.lineno)
+            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and \
+                    node.slice.value in helpers and isinstance(node.ctx, ast.Store):
+                bound = [node.slice.value]  # globals()["forbidden"] = ...
+            for name in bound:
+                if name in helpers:
+                    found.setdefault(f"rebinds {name}, a helper the tests use", getattr(node, "lineno", 1))
+        flags += [f"suspicious: {what} in {label}, line {line}" for what, line in found.items()]
+    return flags

@@ -8,7 +8,9 @@ is left empty and named in the message.
 from __future__ import annotations
 
 import csv
+import html
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,19 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
+def _csv_text(text: str) -> str:
+    """A text cell of grades.csv that no spreadsheet runs as a formula (CSV injection)."""
+    text = str(text)
+    return "'" + text if text.lstrip()[:1] in ("=", "+", "-", "@") or text[:1] in ("\t", "\r") else text
+
+
+def _md(text: str) -> str:
+    """Text from a submission (ids, file names, messages, flags) as inert Markdown: one line, no
+    HTML, no links or images, no code spans."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`\[\]])", r"\\\1", text)
+
+
 def write_report(ws: Workspace, chapter: str, feedback: bool = True,
                  similarity: Thresholds | None = DEFAULT_THRESHOLDS) -> Path:
     """Write ``reports/<chapter>/``; returns that folder. ``similarity=None``: no similarity flags."""
@@ -103,9 +118,9 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
         writer.writerow(["student", "status", "score", "max_score", *[n for n, _ in cells], "flags",
                          "message"])
         for row in rows:
-            writer.writerow([row.student, row.status, _fmt(row.score), _fmt(max_score),
-                             *[_fmt(row.cells.get(n)) for n, _ in cells], " | ".join(row.flags),
-                             row.message])
+            writer.writerow([_csv_text(row.student), _csv_text(row.status), _fmt(row.score),
+                             _fmt(max_score), *[_fmt(row.cells.get(n)) for n, _ in cells],
+                             _csv_text(" | ".join(row.flags)), _csv_text(row.message)])
 
     graded = [r for r in rows if r.status == "graded"]
     rates = {name: (sum(1 for r in graded if r.cells.get(name) == points) / len(graded)
@@ -123,17 +138,17 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
     problems = [r for r in rows if r.status != "graded"]
     if problems:
         lines += ["", "## Not graded automatically", ""]
-        lines += [f"- {r.student}: {r.status} — {r.message}" for r in problems]
+        lines += [f"- {_md(r.student)}: {_md(r.status)} — {_md(r.message)}" for r in problems]
     flagged = [r for r in rows if r.flags]
     if flagged:
         lines += ["", f"## Flags ({len(flagged)} submissions; see README, \"Trust\")", ""]
         for row in flagged:
-            lines.append(f"- {row.student}:")
-            lines += [f"  - {flag}" for flag in row.flags]
+            lines.append(f"- {_md(row.student)}:")
+            lines += [f"  - {_md(flag)}" for flag in row.flags]
     status = ws.load_status(chapter)
     if status.rejected:
         lines += ["", "## Entries skipped in the submissions", ""]
-        lines += [f"- {r.message}" for r in status.rejected]
+        lines += [f"- {_md(r.message)}" for r in status.rejected]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rates, chapter, out / "pass_rates.png")
 

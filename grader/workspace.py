@@ -37,7 +37,9 @@ from nbgrader.preprocessors import (
     LimitOutput, SaveAutoGrades,
 )
 
-from grader.preprocessors import AppendTrustedChecks, StderrIsNotAFailure
+from grader.preprocessors import (
+    AppendTrustedChecks, CapOutputs, SanitizeMarkdownCells, ScrubHiddenTests, StderrIsNotAFailure,
+)
 
 c = get_config()  # noqa: F821
 c.CourseDirectory.course_id = "neurons-to-llms"
@@ -62,11 +64,20 @@ if os.environ.get("N2L_SANDBOX_PLAN"):
     # For ipc the "ip" is the sockets' path prefix; its default is relative to each side's cwd.
     c.KernelManager.ip = os.path.join(os.environ["JUPYTER_RUNTIME_DIR"], "kernel")
 c.Autograde.autograde_preprocessors = [
-    AppendTrustedChecks, Execute, StderrIsNotAFailure, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
-    SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
+    AppendTrustedChecks, Execute, StderrIsNotAFailure, CapOutputs, ScrubHiddenTests, IgnorePattern,
+    ClearMetadataPreprocessor, LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
 ]
-# Feedback never shows the hidden tests' source.
-c.GenerateFeedback.preprocessors = [GetGrades, ClearHiddenTests, CSSHTMLHeaderPreprocessor]
+# Feedback never shows the hidden tests' source, and student markup in it never runs: markdown
+# cells are cleaned here (nbgrader's feedback template renders them raw), outputs by HTMLExporter.
+c.GenerateFeedback.preprocessors = [GetGrades, ClearHiddenTests, SanitizeMarkdownCells,
+                                    CSSHTMLHeaderPreprocessor]
+# Outputs are capped in bytes per cell and per notebook before the graded notebook is saved
+# (LimitOutput caps lines), and outputs holding hidden-test (or probes.py) lines are removed.
+c.CapOutputs.max_cell_bytes = {max_cell_bytes}
+c.CapOutputs.max_notebook_bytes = {max_notebook_bytes}
+c.ScrubHiddenTests.secret_files = [os.path.join({root!r}, "source", "{{assignment}}", "probes.py")]
+# Outputs in the feedback HTML: HTML and Markdown cleaned, JavaScript left out, SVG shown as an image.
+c.HTMLExporter.sanitize_html = True
 '''
 
 
@@ -93,6 +104,10 @@ class Status:
 
 
 class Workspace:
+    # Bytes of output a graded notebook keeps per cell and in all (grader/preprocessors.py).
+    max_cell_output_bytes = 100_000
+    max_notebook_output_bytes = 2_000_000
+
     def __init__(self, path: Path, repo_root: Path, db_url: str | None = None):
         self.path = Path(path).expanduser().resolve()
         self.repo_root = repo_root.resolve()
@@ -137,7 +152,9 @@ class Workspace:
         database.record_url(self.path, self.db_url)
         text = CONFIG_TEMPLATE.format(root=str(self.path), db_url=database.config_url(self.db_url),
                                       ignore=IGNORED_IN_RELEASE,
-                                      cell_timeout=int(cell_timeout), client_class=CLIENT_CLASS)
+                                      cell_timeout=int(cell_timeout), client_class=CLIENT_CLASS,
+                                      max_cell_bytes=int(self.max_cell_output_bytes),
+                                      max_notebook_bytes=int(self.max_notebook_output_bytes))
         (self.path / "nbgrader_config.py").write_text(text)
 
     def nbgrader(self, *args: str, timeout: float | None = None, log: Path | None = None,
