@@ -22,6 +22,8 @@ kills what is running and keeps what was finished.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing
 import os
 import queue
@@ -227,22 +229,12 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     (work / "trusted_cell.py").write_text(cell_source)
     env = {**settings.env, "N2L_TRUSTED_CELL": str(work / "trusted_cell.py")}
     slot = settings.slots.get()
-    plan = None
     try:
+        sandboxed = None
         if settings.use_sandbox:
-            plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits,
-                                     probes_file=ws.probes(chapter))
-            plan.save(work / "plan.json")
-            # jupyter_client writes the connection file with tempfile (TMPDIR) and puts the ipc
-            # sockets beside it: both must be in the one folder the sandbox shares.
-            env.update({sandbox.PLAN_ENV: str(work / "plan.json"), "TMPDIR": plan.runtime_dir,
-                        "JUPYTER_RUNTIME_DIR": plan.runtime_dir, "JUPYTER_PATH": str(ws.path / "jupyter")})
-        outcome = _run_attempts(ws, chapter, student, settings.notebook_timeout, env, log_path)
+            sandboxed = functools.partial(_sandbox_attempt, ws, settings, slot, work, ws.probes(chapter))
+        outcome = _run_attempts(ws, chapter, student, settings.notebook_timeout, env, log_path, sandboxed)
     finally:
-        if plan is not None:
-            if plan.uid is not None:  # nothing of this student's may outlive its grading
-                subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
-            sandbox.remove_plan(plan)
         settings.slots.put(slot)
     outcome.seed = seed
     graded = ws.autograded(student, chapter)
@@ -261,13 +253,37 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     return outcome
 
 
+@contextlib.contextmanager
+def _sandbox_attempt(ws: Workspace, settings: Settings, slot: int, work: Path, probes_file: Path,
+                     env: dict[str, str]):
+    """The environment of one nbgrader run with a sandbox of its own: a new plan, so a new, empty
+    runtime folder and memory cgroup (a kernel that died may have left links in the folder it
+    could write); everything of it is killed and removed when the run ends."""
+    plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits, probes_file=probes_file)
+    try:
+        plan.save(work / "plan.json")
+        # jupyter_client writes the connection file with tempfile (TMPDIR) and puts the ipc
+        # sockets beside it: both must be in the one folder the sandbox shares.
+        yield {**env, sandbox.PLAN_ENV: str(work / "plan.json"), "TMPDIR": plan.runtime_dir,
+               "JUPYTER_RUNTIME_DIR": plan.runtime_dir, "JUPYTER_PATH": str(ws.path / "jupyter")}
+    finally:
+        if plan.uid is not None:  # nothing of this student's may outlive its grading
+            subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
+        sandbox.remove_plan(plan)
+
+
 def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: float,
-                  env: dict[str, str], log_path: Path) -> Outcome:
+                  env: dict[str, str], log_path: Path, sandboxed=None) -> Outcome:
+    """nbgrader once, or twice after a kernel death or a cell that could not be stopped.
+
+    ``sandboxed(env)``: a context giving each run's environment with a sandbox of its own.
+    """
     start = time.monotonic()
     for attempt in (1, 2):
         deadline = notebook_timeout - (time.monotonic() - start)
         log_start = log_path.stat().st_size
-        code = _run_nbgrader(ws, chapter, student, max(deadline, 1.0), env, log_path)
+        with sandboxed(env) if sandboxed else contextlib.nullcontext(env) as attempt_env:
+            code = _run_nbgrader(ws, chapter, student, max(deadline, 1.0), attempt_env, log_path)
         seconds = time.monotonic() - start
         if code is None:
             return Outcome("timeout", f"the notebook ran longer than the {notebook_timeout:g} s limit "

@@ -45,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     auto.add_argument("--id-pattern", default=DEFAULT_ID_PATTERN,
                       help="regex with (?P<student>...) reading the id from flat file names")
     auto.add_argument("--memory-limit", type=float, default=16,
-                      help="GiB of address space a student's kernel may map (CPU grading; "
-                           "on a GPU machine there is no limit, CUDA needs a very large one)")
+                      help="GiB of memory one student's sandbox may use: all its processes and its "
+                           "tmpfs (/tmp, home, /dev/shm) together, through a memory cgroup when "
+                           "grading as root with a writable memory controller. Each process's address "
+                           "space is also limited to it (CPU grading only: CUDA needs a very large one); "
+                           "without cgroups that per-process limit is the only one")
     auto.add_argument("--unsafe-no-sandbox", action="store_true",
                       help="grade even where no sandbox can start: student code then runs as you, "
                            "with your files, and every submission is flagged. Never for official grades.")
@@ -126,7 +129,8 @@ def _run(args: argparse.Namespace) -> int:
                             quick=not args.full, force=args.force, id_pattern=args.id_pattern,
                             progress=sys.stderr.isatty() or bool(os.environ.get("N2L_PROGRESS")),
                             use_sandbox=not args.unsafe_no_sandbox,
-                            limits=Limits(address_space_bytes=int(args.memory_limit * 2**30)))
+                            limits=Limits(memory_bytes=int(args.memory_limit * 2**30),
+                                          address_space_bytes=int(args.memory_limit * 2**30)))
         counts: dict[str, int] = {}
         for record in records.values():
             counts[record.status] = counts.get(record.status, 0) + 1

@@ -17,6 +17,21 @@ seconds, address space, processes, file size, open files). The kernel runs as an
 uid even when the grader runs as root: each parallel worker has its own uid, so one student's
 fork bomb cannot starve the next. The grader kills the whole sandbox at the notebook time limit.
 
+Memory (``Limits.memory_bytes``): where the grader can make a memory cgroup (root with a writable
+memory controller, cgroup v1 or v2) each sandbox gets one of its own, and the launcher enters it
+before it becomes bubblewrap, so the limit covers the whole sandbox: every process in it, and
+the pages of its tmpfs (/tmp, /home/student, /dev/shm), which are charged to the cgroup that
+writes them. Past it the kernel's OOM killer ends the sandbox's largest process (with cgroup
+v2: all of them), usually the Jupyter kernel. Elsewhere only the per-process address-space limit
+(RLIMIT_AS, ``Limits.address_space_bytes``) applies: several processes, or files in the tmpfs,
+can together use more. ``Plan.memory_limit`` says which one is in force.
+
+Root only ever touches, in the runtime folder the sandbox can write, the one connection file it
+hands over to the sandbox's uid (opened without following links, checked to be a regular file
+it owns with one link, chowned through that descriptor). The folder itself is root's (group:
+the sandbox's uid), made fresh for every kernel, and removed with ``shutil.rmtree``, which does
+not follow links.
+
 Started as root, a private mount namespace is made first (``unshare``) and every mount source is
 bind-mounted onto a staging folder there: the unprivileged bubblewrap can then mount it even when
 the original lies in a folder that uid cannot enter (a Python under /root/.pyenv, a workspace in
@@ -32,10 +47,14 @@ import glob
 import importlib.util
 import json
 import os
+import secrets
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,12 +65,17 @@ LIB = "/opt/n2l/lib"
 PROBES_PATH = "/opt/n2l/probes.py"
 # Each parallel worker runs its kernels as its own uid (only when the grader is root).
 FIRST_UID = 61000
+CGROUP_PREFIX = "n2l-sandbox-"
 
 
 @dataclass
 class Limits:
     cpu_seconds: int = 7200
-    address_space_bytes: int | None = 16 * 2**30  # None: no limit (CUDA needs a very large one)
+    # All the memory of one sandbox: its processes and its tmpfs pages (a memory cgroup, where the
+    # grader can make one; see Plan.memory_limit). None: no such limit.
+    memory_bytes: int | None = 16 * 2**30
+    # Per process, always (RLIMIT_AS). None: no limit (CUDA needs a very large one).
+    address_space_bytes: int | None = 16 * 2**30
     processes: int = 1024  # threads count too: torch and ipykernel start dozens
     file_bytes: int = 512 * 2**20
     open_files: int = 4096
@@ -69,6 +93,16 @@ class Plan:
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     gpu: bool = False
+    # The memory cgroup the launcher enters (None: none could be made, see memory_note).
+    cgroup: str | None = None
+    # What limits memory: "sandbox" (Limits.memory_bytes for all the sandbox's processes and
+    # tmpfs together), "process" (only each process's address space) or "none".
+    memory_limit: str = "none"
+    memory_note: str = ""  # why the whole-sandbox limit is not in force, when it is not
+
+    @property
+    def whole_sandbox_memory_limit(self) -> bool:
+        return self.memory_limit == "sandbox"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -125,8 +159,184 @@ def gpu_devices() -> list[str]:
     return sorted(glob.glob("/dev/nvidia*"))
 
 
+# -- the memory cgroup of one sandbox -------------------------------------------------------------
+
+
+class _NoCgroup(Exception):
+    """No memory cgroup can be made here; the message says why."""
+
+
+def _memory_controller() -> tuple[int, Path]:
+    """(cgroup version, folder to make the sandbox's cgroup in) of the memory controller."""
+    mounts = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) >= 5 and len(tail) >= 3 and tail[0] in {"cgroup", "cgroup2"}:
+                mounts.append((tail[0], fields[3], Path(fields[4]), tail[2].split(",")))
+    own = {}
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+            own["v2" if hierarchy == "0" else controllers] = path
+
+    def below(root: str, mountpoint: Path, path: str | None) -> Path:
+        # Our own cgroup as a folder of this mount (its root is "/" unless it is a container's).
+        if path is not None and (root == "/" or path == root or path.startswith(root + "/")):
+            return mountpoint / path[len(root.rstrip("/")):].lstrip("/")
+        return mountpoint
+
+    for kind, root, mountpoint, options in mounts:
+        if kind == "cgroup" and "memory" in options:
+            path = next((p for c, p in own.items() if "memory" in c.split(",")), None)
+            folder = below(root, mountpoint, path)
+            return 1, folder if folder.is_dir() else mountpoint
+    for kind, root, mountpoint, _ in mounts:
+        try:
+            available = (mountpoint / "cgroup.controllers").read_text().split()
+        except OSError:
+            continue
+        if kind == "cgroup2" and "memory" in available:
+            # A cgroup with processes cannot give controllers to its children: make the sandbox's
+            # beside ours, in the nearest ancestor that hands the memory controller down.
+            folder = below(root, mountpoint, own.get("v2"))
+            while True:
+                try:
+                    if "memory" in (folder / "cgroup.subtree_control").read_text().split():
+                        return 2, folder
+                except OSError:
+                    pass
+                if folder == mountpoint:
+                    break
+                folder = folder.parent
+            raise _NoCgroup(f"no cgroup above {below(root, mountpoint, own.get('v2'))} enables the "
+                            "memory controller for its children")
+    raise _NoCgroup("no memory cgroup controller is mounted")
+
+
+def _make_memory_cgroup(slot: int, limit: int) -> str:
+    """A new memory cgroup limited to ``limit`` bytes (memory and swap), for one sandbox."""
+    if os.geteuid() != 0:
+        raise _NoCgroup("the grader is not root")
+    version, parent = _memory_controller()
+    if not os.access(parent, os.W_OK):
+        raise _NoCgroup(f"{parent} is not writable")
+    _sweep_cgroups(parent)
+    path = parent / f"{CGROUP_PREFIX}{slot}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        path.mkdir(mode=0o755)
+    except OSError as error:
+        raise _NoCgroup(f"cannot make a cgroup in {parent}: {error}") from None
+    try:
+        if version == 1:
+            (path / "memory.limit_in_bytes").write_text(str(limit))
+            if (path / "memory.memsw.limit_in_bytes").exists():  # no swapping past the limit either
+                (path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+            written = int((path / "memory.limit_in_bytes").read_text())
+        else:
+            (path / "memory.max").write_text(str(limit))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+            if (path / "memory.oom.group").exists():  # an OOM kill ends the whole sandbox
+                (path / "memory.oom.group").write_text("1")
+            written = int((path / "memory.max").read_text())
+        if written > limit:
+            raise OSError(f"the limit reads back as {written}")
+    except (OSError, ValueError) as error:
+        _remove_cgroup(str(path))
+        raise _NoCgroup(f"cannot set a memory limit in {path}: {error}") from None
+    return str(path)
+
+
+def _sweep_cgroups(parent: Path) -> None:
+    """Remove the empty cgroups of graders that were killed before they could (rmdir only: a
+    cgroup that still has processes stays)."""
+    for folder in parent.glob(f"{CGROUP_PREFIX}*"):
+        pid = folder.name.split("-")[-2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def _join_cgroup(cgroup: str) -> None:
+    """Move this process (the launcher, before it becomes bubblewrap) into ``cgroup``."""
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+    except OSError as error:
+        raise SystemExit(f"grader.sandbox: cannot enter the sandbox's memory cgroup {cgroup}: "
+                         f"{error}") from None
+
+
+def _cgroup_members(cgroup: str) -> list[int]:
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs")) as fh:
+            return [int(pid) for pid in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _kill_member(pid: int, cgroup: str) -> None:
+    """SIGKILL ``pid`` if it is (still) in ``cgroup``: through a pidfd, so a recycled pid is safe."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            name = os.path.basename(cgroup)
+            if any(line.rstrip("\n").split("/")[-1] == name for line in fh):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _remove_cgroup(cgroup: str, timeout: float = 10.0) -> bool:
+    """Kill every process in ``cgroup``, then remove it; False if it could not be removed."""
+    kill = os.path.join(cgroup, "cgroup.kill")  # cgroup v2, Linux >= 5.14
+    if os.path.exists(kill):
+        try:
+            with open(kill, "w") as fh:
+                fh.write("1")
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in _cgroup_members(cgroup):
+            _kill_member(pid, cgroup)
+        try:
+            os.rmdir(cgroup)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _share_runtime(runtime: Path, uid: int) -> None:
+    """Let ``uid`` create its sockets in the runtime folder, which stays root's (group ``uid``,
+    0770): the sandbox can neither rename it in /tmp nor open it to other users."""
+    fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, 0, uid)
+        os.fchmod(fd, 0o770)
+    finally:
+        os.close(fd)
+
+
 def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Path | None = None) -> Plan:
-    """A plan for one kernel; :func:`remove_plan` removes the folders it makes."""
+    """A plan for one kernel: a new, empty runtime folder and memory cgroup each time.
+
+    :func:`remove_plan` removes the folders and the cgroup it makes. A plan is for one kernel
+    only: a kernel that died may have left anything in the folder it could write.
+    """
     # Both live in /tmp: the stage must be reachable by the unprivileged uid wherever the
     # workspace is, and a unix socket's path may not exceed 107 bytes.
     short = "/tmp" if os.path.isdir("/tmp") else None
@@ -134,9 +344,8 @@ def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Pa
     stage = Path(tempfile.mkdtemp(prefix="n2l-stage-", dir=short))
     uid = FIRST_UID + slot if os.geteuid() == 0 else None
     if uid is not None:
-        os.chmod(stage, 0o755)
-        os.chown(runtime, uid, uid)  # the kernel, as uid, creates its sockets here
-        os.chmod(runtime, 0o700)
+        os.chmod(stage, 0o755)  # made by mkdtemp just now, root's, in sticky /tmp
+        _share_runtime(runtime, uid)  # the kernel, as uid, creates its sockets here
     venv = Path(sys.prefix).resolve()
     python_home = Path(os.path.realpath(sys.executable)).parent.parent
     binds = [(str(python_home), str(python_home))]
@@ -149,6 +358,16 @@ def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Pa
     gpu = bool(gpu_devices())
     if gpu:
         limits = Limits(**{**asdict(limits), "address_space_bytes": None})
+    cgroup, memory_note = None, ""
+    if limits.memory_bytes is not None:
+        try:
+            cgroup = _make_memory_cgroup(slot, limits.memory_bytes)
+        except _NoCgroup as error:
+            memory_note = f"no memory cgroup ({error}): " + (
+                "only each process's address space is limited" if limits.address_space_bytes is not None
+                else "memory is not limited (no address-space limit either)")
+    memory_limit = ("sandbox" if cgroup else "process" if limits.address_space_bytes is not None
+                    else "none")
     threads = env.get("OMP_NUM_THREADS", "1")
     kernel_env = {
         "PATH": f"{venv}/bin:/usr/bin:/bin",
@@ -173,11 +392,21 @@ def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Pa
         env=kernel_env,
         limits=limits,
         gpu=gpu,
+        cgroup=cgroup,
+        memory_limit=memory_limit,
+        memory_note=memory_note,
     )
 
 
 def remove_plan(plan: Plan) -> None:
-    """Remove what :func:`make_plan` created (the mounts died with their namespace)."""
+    """Remove what :func:`make_plan` created: kill every process left in the cgroup and remove
+    it, then the folders (the mounts died with their namespace).
+
+    ``shutil.rmtree`` works through directory descriptors here (``avoids_symlink_attacks``): a
+    link the sandbox left in its runtime folder is removed, never followed.
+    """
+    if plan.cgroup:
+        _remove_cgroup(plan.cgroup)
     shutil.rmtree(plan.stage_dir, ignore_errors=True)
     shutil.rmtree(plan.runtime_dir, ignore_errors=True)
 
@@ -257,8 +486,46 @@ def _set_limits(limits: Limits) -> None:
     cap(resource.RLIMIT_CORE, 0)
 
 
-def exec_in_sandbox(plan: Plan, command: list[str], staged: bool = False) -> None:
-    """Replace this process by ``command`` inside the sandbox (never returns)."""
+def _hand_over(plan: Plan, connection_file: str) -> None:
+    """Give the connection file that nbgrader wrote as root to the sandbox's uid, and nothing else.
+
+    The runtime folder is writable by the sandbox, so any entry in it may be a link to anything:
+    only this file's descriptor, opened without following links, is chowned, and only when it is
+    a regular file of ours with a single link, directly in the runtime folder.
+    """
+    folder, name = os.path.split(os.path.abspath(connection_file))
+    if folder != os.path.abspath(plan.runtime_dir) or name in {"", ".", ".."}:
+        raise SystemExit(f"grader.sandbox: the connection file {connection_file} is not in the "
+                         f"sandbox's runtime folder {plan.runtime_dir}")
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        except OSError as error:
+            raise SystemExit(f"grader.sandbox: refusing the connection file {connection_file}: "
+                             f"{error.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+                raise SystemExit(f"grader.sandbox: refusing the connection file {connection_file}: "
+                                 "not a regular file the grader wrote (a link, or not ours)")
+            os.fchown(fd, plan.uid, plan.uid)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+def exec_in_sandbox(plan: Plan, command: list[str], staged: bool = False,
+                    connection_file: str | None = None) -> None:
+    """Replace this process by ``command`` inside the sandbox (never returns).
+
+    ``connection_file``: the kernel's, handed over to the sandbox's uid (when root).
+    """
+    if plan.cgroup and not staged:
+        # First of all: every process of the sandbox, bubblewrap included, starts in the cgroup.
+        _join_cgroup(plan.cgroup)
     if plan.uid is not None and not staged:
         # Root: continue in a private mount namespace, where staging mounts touch nothing else.
         os.execvp(
@@ -276,11 +543,10 @@ def exec_in_sandbox(plan: Plan, command: list[str], staged: bool = False) -> Non
             ],
         )
     binds = plan.ro_binds
-    runtime = plan.runtime_dir
     if plan.uid is not None:
         binds = _stage_mounts(plan)
-        for path in Path(runtime).iterdir():
-            os.chown(path, plan.uid, plan.uid)  # the connection file nbgrader wrote as root
+        if connection_file is not None:
+            _hand_over(plan, connection_file)
         runtime_stage = str(Path(plan.stage_dir) / "runtime")
     argv = _bwrap_argv(plan, binds, command)
     if plan.uid is not None:
@@ -308,7 +574,8 @@ def _kernel_main(argv: list[str]) -> None:
         raise SystemExit(f"{PLAN_ENV} is not set: this kernel is started by the grader only")
     plan = Plan.load(plan_path)
     python = str(Path(sys.prefix) / "bin" / "python")
-    exec_in_sandbox(plan, [python, "-m", "ipykernel_launcher", "-f", connection_file], staged=staged)
+    exec_in_sandbox(plan, [python, "-m", "ipykernel_launcher", "-f", connection_file], staged=staged,
+                    connection_file=connection_file)
 
 
 # -- can a sandbox start here? -------------------------------------------------------------------
