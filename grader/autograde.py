@@ -5,15 +5,16 @@ For each submission:
 1. Before any code runs, the notebook is read against the release: edited or deleted locked
    cells, changed metadata and suspicious constructs become flags (grader/flags.py).
 2. Its own ``nbgrader autograde --student`` process runs it (forked from a server that imported
-   nbgrader once per batch), with the kernel in a sandbox
-   (grader/sandbox.py) and one cell appended: the trusted checks on secret inputs
-   (grader/probes.py). One notebook that hangs or crashes cannot take the batch down: past
+   nbgrader once per batch), with the kernel in a sandbox (grader/sandbox.py): the in-kernel
+   tests. One notebook that hangs or crashes cannot take the batch down: past
    ``--notebook-timeout`` the process and its sandbox are killed and the student is reported as
    ``timeout`` (never as a silent 0).
-3. Back in this process, where no student code ever ran, the trusted checks' outputs are
-   compared with the reference. A test cell keeps its points only when its in-kernel tests
-   passed and its trusted check agrees; the gradebook is updated to match, and each
-   disagreement is flagged.
+3. The trusted checks (grader/trusted.py): a fresh sandbox that the kernel never touched loads
+   the student's answer cells from the submitted file, with what each exercise forbids blocked,
+   and calls each graded function on secret inputs sent only then. Back in this process, where
+   no student code ever ran, its outputs are compared with the reference (grader/probes.py). A
+   test cell keeps its points only when its in-kernel tests passed and its trusted check
+   agrees; the gradebook is updated to match, and each disagreement or forbidden call is flagged.
 
 Submissions run in parallel (``--jobs``, default: one per CPU). Re-running the command grades
 only submissions that are new, changed, or not graded yet; Ctrl-C or SIGTERM stops the batch,
@@ -39,8 +40,8 @@ from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 
-from grader import GraderError, database, ingest, nbgrader_main, preprocessors, probes, sandbox
-from grader.flags import clean_submission, submission_flags
+from grader import GraderError, database, ingest, nbgrader_main, preprocessors, probes, sandbox, trusted
+from grader.flags import clean_submission, submission_flags, trust_flags
 from grader.workspace import Record, Workspace
 
 # nbgrader processes running now (their pids), so that an interrupted batch can kill them all.
@@ -141,7 +142,11 @@ class Settings:
     use_sandbox: bool
     limits: sandbox.Limits
     checks: list[probes.Probe]
+    release: nbformat.NotebookNode  # its setup cell and which cells are answers
+    forbidden: dict[str, list[str]]  # test cell -> what its hidden tests forbid
+    withheld: Path  # course_lib with this chapter's reference answers withheld (grader/trusted.py)
     slots: queue.Queue = field(default_factory=queue.Queue)
+    cell_timeout: float = 600  # also each exercise's limit in the trusted checks
 
 
 @dataclass
@@ -154,27 +159,8 @@ class Outcome:
     seed: int | None = None
 
 
-def _take_trusted_outputs(graded: Path, cell_source: str) -> dict | None:
-    """Remove the trusted-check cell from the graded notebook; return what it published.
-
-    Only the last cell counts, and only when its source is exactly the one the grader added:
-    a cell the student wrote to look like it is ignored.
-    """
-    nb = nbformat.read(graded, as_version=4)
-    if not nb.cells or nb.cells[-1].source.strip() != cell_source.strip():
-        return None
-    cell = nb.cells.pop()
-    nbformat.write(nb, str(graded))
-    for output in cell.get("outputs", []):
-        data = output.get("data", {}) if output.get("output_type") == "display_data" else {}
-        if probes.MIME in data:
-            payload = data[probes.MIME]
-            return payload if isinstance(payload, dict) else None
-    return None
-
-
-def _apply_checks(ws: Workspace, chapter: str, student: str,
-                  verdicts: dict[str, probes.Verdict]) -> list[str]:
+def _apply_checks(ws: Workspace, chapter: str, student: str, verdicts: dict[str, probes.Verdict],
+                  already_flagged: set[str] = frozenset()) -> list[str]:
     """Make the gradebook's score of each test cell min(in-kernel, trusted); flags for the rest."""
     from nbgrader.api import Gradebook, MissingEntry
 
@@ -201,7 +187,7 @@ def _apply_checks(ws: Workspace, chapter: str, student: str,
                     flags.append(f"note: {grade.name} failed in the kernel but its trusted check passed")
             else:
                 grade.manual_score = 0.0
-                if kernel_passed:
+                if kernel_passed and grade.name not in already_flagged:
                     flags.append(f"trusted check overrules a pass in {grade.name}: {verdict.reason}; "
                                  "scored 0")
         gb.db.commit()
@@ -223,17 +209,12 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     seed = probes.new_seed()
-    inputs = probes.make_inputs(settings.checks, seed)
-    probes_path = sandbox.PROBES_PATH if settings.use_sandbox else str(ws.probes(chapter))
-    cell_source = probes.harness_cell(probes_path, inputs)
-    (work / "trusted_cell.py").write_text(cell_source)
-    env = {**settings.env, "N2L_TRUSTED_CELL": str(work / "trusted_cell.py")}
     slot = settings.slots.get()
     try:
-        sandboxed = None
-        if settings.use_sandbox:
-            sandboxed = functools.partial(_sandbox_attempt, ws, settings, slot, work, ws.probes(chapter))
-        outcome = _run_attempts(ws, chapter, student, settings.notebook_timeout, env, log_path, sandboxed)
+        outcome = _run_notebook(ws, chapter, student, settings, slot, work, log_path)
+        if outcome.status == "graded":
+            inputs = probes.make_inputs(settings.checks, seed)
+            result = _run_trusted_checks(ws, chapter, student, settings, slot, work, inputs)
     finally:
         settings.slots.put(slot)
     outcome.seed = seed
@@ -245,21 +226,36 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     if interrupted:
         outcome.flags.append(f"cells did not finish ({', '.join(sorted(set(interrupted)))})")
     outcome.flags += preprocessors.output_flags(graded)  # outputs capped or scrubbed
-    payload = _take_trusted_outputs(graded, cell_source)
-    verdicts = probes.decide(settings.checks, inputs, payload)
+    verdicts = probes.decide(settings.checks, inputs, result.payload)
+    for cell, calls in result.forbidden.items():
+        verdicts[cell] = probes.Verdict(False, f"called {', '.join(calls)}, which this exercise forbids")
+        outcome.flags.append(f"forbidden call in {cell}: {', '.join(calls)}; scored 0")
+    if result.problem:
+        outcome.flags.append(f"trusted checks: {result.problem}")
+    outcome.flags += [f"note: answer cell {cell} raised in the trusted checks' process ({why})"
+                      for cell, why in result.answer_errors.items()]
     outcome.checks = {name: "passed" if v.passed else v.reason for name, v in verdicts.items()}
-    outcome.flags += _apply_checks(ws, chapter, student, verdicts)
+    outcome.flags += _apply_checks(ws, chapter, student, verdicts, set(result.forbidden))
     outcome.seconds = time.monotonic() - start  # this student's whole grading, trusted checks included
     return outcome
 
 
+def _run_notebook(ws: Workspace, chapter: str, student: str, settings: Settings, slot: int,
+                  work: Path, log_path: Path) -> Outcome:
+    """The notebook through nbgrader, its kernel in a sandbox (step 2 of the module docstring)."""
+    sandboxed = None
+    if settings.use_sandbox:
+        sandboxed = functools.partial(_sandbox_attempt, ws, settings, slot, work)
+    return _run_attempts(ws, chapter, student, settings.notebook_timeout, dict(settings.env), log_path,
+                         sandboxed)
+
+
 @contextlib.contextmanager
-def _sandbox_attempt(ws: Workspace, settings: Settings, slot: int, work: Path, probes_file: Path,
-                     env: dict[str, str]):
+def _sandbox_attempt(ws: Workspace, settings: Settings, slot: int, work: Path, env: dict[str, str]):
     """The environment of one nbgrader run with a sandbox of its own: a new plan, so a new, empty
     runtime folder and memory cgroup (a kernel that died may have left links in the folder it
     could write); everything of it is killed and removed when the run ends."""
-    plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits, probes_file=probes_file)
+    plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits)
     try:
         plan.save(work / "plan.json")
         # jupyter_client writes the connection file with tempfile (TMPDIR) and puts the ipc
@@ -268,6 +264,36 @@ def _sandbox_attempt(ws: Workspace, settings: Settings, slot: int, work: Path, p
                "JUPYTER_RUNTIME_DIR": plan.runtime_dir, "JUPYTER_PATH": str(ws.path / "jupyter")}
     finally:
         if plan.uid is not None:  # nothing of this student's may outlive its grading
+            subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
+        sandbox.remove_plan(plan)
+
+
+def _run_trusted_checks(ws: Workspace, chapter: str, student: str, settings: Settings, slot: int,
+                        work: Path, inputs: dict) -> trusted.TrustedResult:
+    """Step 3: the trusted checks in a fresh sandbox, on the answer cells of the submitted file."""
+    submitted = nbformat.read(ws.submitted(student, chapter), as_version=4)
+    job = trusted.build_job(settings.checks, trusted.answer_cells(submitted, settings.release),
+                            trusted.setup_cell(settings.release), settings.forbidden,
+                            trusted.answer_owners(settings.release),
+                            threads=int(settings.env.get("OMP_NUM_THREADS", "1")),
+                            child_timeout=settings.cell_timeout)
+    if not settings.use_sandbox:
+        job["course_lib"] = str(settings.withheld)
+        env = {**os.environ, **settings.env}
+        return trusted.run_trusted(job, inputs, command=trusted.runner_command(False), env=env,
+                                   timeout=settings.notebook_timeout)
+    job.update({"course_lib": f"{sandbox.LIB}/course_lib", "isolated": True})
+    plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits,
+                             packages={"course_lib": str(settings.withheld)},
+                             files={trusted.RUNNER_INSIDE: trusted.trusted_runner.__file__})
+    plan.as_pid_1 = True  # the runner: no student code in the sandbox can signal it
+    plan.save(work / "trusted_plan.json")
+    try:
+        return trusted.run_trusted(job, inputs, command=trusted.runner_command(True),
+                                   env={**os.environ, sandbox.PLAN_ENV: str(work / "trusted_plan.json")},
+                                   timeout=settings.notebook_timeout)
+    finally:
+        if plan.uid is not None:
             subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
         sandbox.remove_plan(plan)
 
@@ -349,6 +375,9 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
         raise GraderError(f"{chapter} has no trusted checks (solutions/{chapter}/probes.py): every "
                           "autograded exercise needs one, see grader/probes.py.")
     checks = probes.load_probes(ws.probes(chapter))
+    forbidden = trusted.chapter_forbidden(nbformat.read(ws.path / "source" / chapter / f"{chapter}.ipynb",
+                                                        as_version=4))
+    reference_modules = trusted.reference_modules([t for ts in forbidden.values() for t in ts])
     sandbox.write_kernelspec(ws.path / "jupyter")
     release = nbformat.read(ws.release_notebook(chapter), as_version=4)
     status = ws.load_status(chapter)
@@ -369,7 +398,8 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
         target.parent.mkdir(parents=True, exist_ok=True)
         notebook, cleaned = clean_submission(sub.notebook, release)  # malformed graded cells out
         nbformat.write(notebook, str(target))
-        flags[sub.student] = submission_flags(sub.notebook, release) + cleaned
+        flags[sub.student] = (submission_flags(sub.notebook, release) + cleaned
+                              + trust_flags(sub.notebook, release, reference_modules))
         if not use_sandbox:
             flags[sub.student].insert(0, "unsafe: graded without a sandbox (--unsafe-no-sandbox)")
         status.records[sub.student] = Record(sub.student, "pending", "", sub.source, sub.sha256)
@@ -382,7 +412,10 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
     limits = limits or sandbox.Limits()
     limits = sandbox.Limits(**{**limits.__dict__,
                                "cpu_seconds": int(notebook_timeout * threads * 2 + 60)})
-    settings = Settings(notebook_timeout, env, use_sandbox, limits, checks)
+    withheld = trusted.withheld_course_lib(ws.path / "trusted" / chapter,
+                                           [t for targets in forbidden.values() for t in targets])
+    settings = Settings(notebook_timeout, env, use_sandbox, limits, checks, release, forbidden, withheld,
+                        cell_timeout=cell_timeout)
     for slot in sandbox.reserve_slots(jobs) if use_sandbox else range(jobs):
         settings.slots.put(slot)
     bar = tqdm(total=len(todo), desc=f"grading {chapter}", disable=not progress, unit="nb")

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nbformat.notebooknode import NotebookNode
-from nbformat.v4 import new_code_cell
 from nbgrader.preprocessors import NbGraderPreprocessor
 from traitlets import Integer, List, Unicode
 
@@ -33,21 +32,6 @@ class StderrIsNotAFailure(NbGraderPreprocessor):
                         f"[stderr] {line}" for line in output.get("text", "").splitlines(True)
                     )
         return cell, resources
-
-
-class AppendTrustedChecks(NbGraderPreprocessor):
-    """Append the grader's trusted-check cell (grader/probes.py) before the notebook runs.
-
-    The cell's source comes from the file named by ``N2L_TRUSTED_CELL``, written by the grader
-    for this submission only (it holds that submission's secret inputs). Without the variable
-    (e.g. ``nbgrader autograde`` run by hand) nothing is added.
-    """
-
-    def preprocess(self, nb: NotebookNode, resources: dict):
-        path = os.environ.get("N2L_TRUSTED_CELL")
-        if path:
-            nb.cells.append(new_code_cell(Path(path).read_text()))
-        return nb, resources
 
 
 # -- outputs: byte caps and hidden-test scrubbing (after Execute) -------------------------------

@@ -8,22 +8,23 @@ test cell). So each test cell also has a *probe*, written by the chapter author 
     PROBES = [
         Probe("ex1_sigmoid_tests",
               inputs=lambda g: {"x": 50 * torch.randn(1000, generator=g)},
-              run=lambda ns, x: ns["sigmoid"](x["x"]),        # runs in the student's kernel
+              run=lambda ns, x: ns["sigmoid"](x["x"]),        # runs with the student's answers
               expected=lambda x: torch.sigmoid(x["x"]),        # runs in the grader
               rtol=1e-5, atol=1e-7),
     ]
 
-At grading time the grader draws a secret seed, makes each probe's inputs, and appends one cell
-to the notebook that calls ``run`` on them and sends back the outputs as plain tensors
-(safetensors, base64). The grader then decodes them in its own process, where no student code
-ever ran, and compares them with ``expected`` (or lets ``check`` decide). A test cell keeps its
-points only when its in-kernel tests passed *and* its probe agrees; a pass the probe contradicts
-scores 0 and is flagged.
+At grading time the grader draws a secret seed and makes each probe's inputs. After the notebook
+has run, a fresh sandboxed process loads only the student's answer cells (grader/trusted.py and
+grader/trusted_runner.py: what the exercise forbids is blocked there), then receives the inputs,
+calls ``run`` on them and sends back the outputs as plain tensors (safetensors). Only ``run`` is
+sent there; ``inputs``, ``expected`` and ``check`` stay in the grader, which decodes the outputs
+in its own process, where no student code ever ran, and compares them with ``expected`` (or lets
+``check`` decide). A test cell keeps its points only when its in-kernel tests passed *and* its
+probe agrees; a pass the probe contradicts scores 0 and is flagged.
 """
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import secrets
 from collections.abc import Callable
@@ -33,8 +34,8 @@ from typing import Any
 
 import torch
 
-MIME = "application/vnd.n2l.probe-outputs+json"
-MARKER = "# Trusted checks, added by the grader (not part of your notebook)."
+from grader.trusted_runner import as_tensors, decode, encode  # noqa: F401 - part of this module's API
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -74,49 +75,7 @@ def load_probes(path: Path) -> list[Probe]:
     return probes
 
 
-# -- plain tensors in and out ---------------------------------------------------------------------
-
-
-def as_tensors(value: Any) -> Tensors:
-    """A probe's result as named, contiguous CPU tensors (numbers become float64 scalars)."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (tuple, list)):
-        items = ((str(i), v) for i, v in enumerate(value))
-    else:
-        items = [("out", value)]
-    out = {}
-    for key, item in items:
-        if isinstance(item, torch.Tensor):
-            tensor = item.detach().to("cpu").clone().contiguous()
-        elif isinstance(item, (bool, int, float)):
-            tensor = torch.tensor(float(item), dtype=torch.float64)
-        else:
-            import numpy as np
-
-            tensor = torch.from_numpy(np.array(item, dtype=np.float64)).contiguous()
-        if type(tensor) is not torch.Tensor:  # a subclass could carry behaviour; keep plain data
-            tensor = tensor.as_subclass(torch.Tensor)
-        out[str(key)] = tensor
-    return out
-
-
-def encode(named: dict[str, Tensors]) -> str:
-    from safetensors.torch import save
-
-    flat = {f"{i}/{k}": v for i, group in named.items() for k, v in group.items()}
-    return base64.b64encode(save(flat)).decode("ascii")
-
-
-def decode(text: str) -> dict[str, Tensors]:
-    """Inverse of :func:`encode`; safetensors holds only data, so decoding runs no code."""
-    from safetensors.torch import load
-
-    grouped: dict[str, Tensors] = {}
-    for key, value in load(base64.b64decode(text.encode("ascii"), validate=True)).items():
-        group, _, name = key.partition("/")
-        grouped.setdefault(group, {})[name] = value
-    return grouped
+# -- plain tensors in and out (one home: grader/trusted_runner.py, which runs in the sandbox) ------
 
 
 def make_inputs(probes: list[Probe], seed: int) -> dict[str, Tensors]:
@@ -129,44 +88,6 @@ def make_inputs(probes: list[Probe], seed: int) -> dict[str, Tensors]:
 
 def new_seed() -> int:
     return secrets.randbits(62)
-
-
-def harness_cell(probes_path: str, inputs: dict[str, Tensors]) -> str:
-    """The source of the cell appended to the notebook at grading time."""
-    return (
-        f"{MARKER}\nfrom grader.probes import run_in_kernel as _n2l_run_in_kernel\n"
-        f"_n2l_run_in_kernel(globals(), {probes_path!r}, {encode(inputs)!r})\n"
-    )
-
-
-# -- inside the student's kernel ----------------------------------------------------------------
-
-
-def kernel_outputs(namespace: dict[str, Any], probes_path: str, inputs_text: str) -> dict[str, Any]:
-    """Call every probe on its inputs: ``{"outputs": encoded tensors, "errors": {probe: why}}``,
-    the payload :func:`decide` reads (runs where the student's code ran)."""
-    probes = load_probes(Path(probes_path))
-    inputs = decode(inputs_text)
-    outputs, errors = {}, {}
-    for i, probe in enumerate(probes):
-        try:
-            outputs[str(i)] = as_tensors(probe.run(namespace, inputs.get(str(i), {})))
-        except BaseException as error:  # noqa: BLE001 - a student's error is a verdict, not a crash
-            errors[str(i)] = f"{type(error).__name__}: {error}"[:500]
-    return {"outputs": encode(outputs), "errors": errors}
-
-
-def run_in_kernel(namespace: dict[str, Any], probes_path: str, inputs_text: str) -> None:
-    """Publish :func:`kernel_outputs` as display data (runs in the sandboxed kernel)."""
-    from IPython.display import publish_display_data
-
-    payload = kernel_outputs(namespace, probes_path, inputs_text)
-    publish_display_data(
-        {
-            MIME: payload,
-            "text/plain": f"trusted checks done, {len(payload['errors'])} raised",
-        }
-    )
 
 
 # -- in the grader ------------------------------------------------------------------------------

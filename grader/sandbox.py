@@ -5,8 +5,7 @@ folder that both can see; everything else the kernel sees is an allow-list of re
 
     /usr /etc (and the /bin, /lib symlinks)     the system, read-only
     <python home> <venv>                          the interpreter and the course's packages, read-only
-    /opt/n2l/lib/{course_lib,grader}              the course packages (PYTHONPATH), read-only
-    /opt/n2l/probes.py                            the chapter's trusted-check specs, read-only
+    /opt/n2l/lib/course_lib                       the course package (PYTHONPATH), read-only
     <runtime>                                     connection file + sockets of this kernel only
     /home/student, /tmp                           size-limited tmpfs, the kernel's working dir
 
@@ -62,7 +61,6 @@ KERNEL_NAME = "n2l-sandbox"
 PLAN_ENV = "N2L_SANDBOX_PLAN"
 HOME = "/home/student"
 LIB = "/opt/n2l/lib"
-PROBES_PATH = "/opt/n2l/probes.py"
 # Each parallel worker runs its kernels as its own uid (only when the grader is root).
 FIRST_UID = 61000
 CGROUP_PREFIX = "n2l-sandbox-"
@@ -99,6 +97,9 @@ class Plan:
     # tmpfs together), "process" (only each process's address space) or "none".
     memory_limit: str = "none"
     memory_note: str = ""  # why the whole-sandbox limit is not in force, when it is not
+    # The command runs as the sandbox's pid 1 (bubblewrap's --as-pid-1): the kernel ignores
+    # signals sent to it from inside, so the processes it starts cannot kill it.
+    as_pid_1: bool = False
 
     @property
     def whole_sandbox_memory_limit(self) -> bool:
@@ -331,7 +332,8 @@ def _share_runtime(runtime: Path, uid: int) -> None:
         os.close(fd)
 
 
-def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Path | None = None) -> Plan:
+def make_plan(*, slot: int, env: dict[str, str], limits: Limits,
+              packages: dict[str, str] | None = None, files: dict[str, str] | None = None) -> Plan:
     """A plan for one kernel: a new, empty runtime folder and memory cgroup each time.
 
     :func:`remove_plan` removes the folders and the cgroup it makes. A plan is for one kernel
@@ -352,9 +354,11 @@ def make_plan(*, slot: int, env: dict[str, str], limits: Limits, probes_file: Pa
     if venv != python_home:
         binds.append((str(venv), str(venv)))
     # Packages installed in editable mode live outside the venv: mount them where PYTHONPATH points.
-    binds += [(_package_dir("course_lib"), f"{LIB}/course_lib"), (_package_dir("grader"), f"{LIB}/grader")]
-    if probes_file is not None:
-        binds.append((str(probes_file), PROBES_PATH))
+    # The course packages (name -> host folder; default: course_lib as installed) go where
+    # PYTHONPATH points, and single files (sandbox path -> host file) where they are asked for.
+    packages = {"course_lib": _package_dir("course_lib")} if packages is None else packages
+    binds += [(host, f"{LIB}/{name}") for name, host in packages.items()]
+    binds += [(host, inside) for inside, host in (files or {}).items()]
     gpu = bool(gpu_devices())
     if gpu:
         limits = Limits(**{**asdict(limits), "address_space_bytes": None})
@@ -431,7 +435,7 @@ def write_kernelspec(jupyter_path: Path) -> None:
 def _bwrap_argv(plan: Plan, binds: list[tuple[str, str]], command: list[str]) -> list[str]:
     bwrap = shutil.which("bwrap") or "bwrap"
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--hostname", "sandbox",
+            "--new-session", "--hostname", "sandbox", *(["--as-pid-1"] if plan.as_pid_1 else []),
             "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
     # tmpfs first: a bind below /tmp (a workspace in /tmp) must not be hidden by the new /tmp.
     size = str(plan.limits.tmpfs_bytes)

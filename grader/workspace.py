@@ -38,7 +38,7 @@ from nbgrader.preprocessors import (
 )
 
 from grader.preprocessors import (
-    AppendTrustedChecks, CapOutputs, SanitizeMarkdownCells, ScrubHiddenTests, StderrIsNotAFailure,
+    CapOutputs, SanitizeMarkdownCells, ScrubHiddenTests, StderrIsNotAFailure,
 )
 
 c = get_config()  # noqa: F821
@@ -64,8 +64,8 @@ if os.environ.get("N2L_SANDBOX_PLAN"):
     # For ipc the "ip" is the sockets' path prefix; its default is relative to each side's cwd.
     c.KernelManager.ip = os.path.join(os.environ["JUPYTER_RUNTIME_DIR"], "kernel")
 c.Autograde.autograde_preprocessors = [
-    AppendTrustedChecks, Execute, StderrIsNotAFailure, CapOutputs, ScrubHiddenTests, IgnorePattern,
-    ClearMetadataPreprocessor, LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
+    Execute, StderrIsNotAFailure, CapOutputs, ScrubHiddenTests, IgnorePattern, ClearMetadataPreprocessor,
+    LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
 ]
 # Feedback never shows the hidden tests' source, and student markup in it never runs: markdown
 # cells are cleaned here (nbgrader's feedback template renders them raw), outputs by HTMLExporter.

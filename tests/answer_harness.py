@@ -9,8 +9,10 @@ notebook through the grader would mostly re-run the same demos. Instead, per cha
       2. for each case, a forked child runs, in notebook order, every answer cell (the solution's,
          or the case's replacement) and every test cell of the *source* notebook, hidden tests
          included (what ``nbgrader autograde`` runs), and records which test cells raised;
-      3. the child then runs the chapter's trusted checks (solutions/<chapter>/probes.py) on the
-         secret inputs it was given and sends back their outputs as plain tensors;
+      3. before those cells, the child runs the chapter's trusted checks as the grader does
+         (grader/trusted_runner.py: per probe, a child of its own with what the exercise forbids
+         blocked, that loads the answer cells and calls the probe on the secret inputs) and
+         sends back their outputs as plain tensors and any forbidden call;
     back in the caller, :func:`grade_cases` decides the trusted checks (grader.probes.decide) and
     combines both as the grader does: a test cell keeps its points only when it ran without an
     error *and* its trusted check agrees.
@@ -27,6 +29,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nbformat
 
 from tests.grading_helpers import REPO, cell_role
 
@@ -122,6 +127,7 @@ def grade_cases(chapter: str, cases: list[dict], root: Path = REPO,
     decided here, on inputs from a new secret seed.
     """
     from grader import probes as P
+    from grader.trusted import answer_owners
 
     checks = P.load_probes(root / "solutions" / chapter / "probes.py")
     inputs = P.make_inputs(checks, P.new_seed())
@@ -141,8 +147,13 @@ def grade_cases(chapter: str, cases: list[dict], root: Path = REPO,
         raw = json.loads(answer.read_text())
     results = []
     tests = [c.grade_id for c in source_cells(chapter, root) if c.kind == "test"]
+    owners = answer_owners(nbformat.read(root / "solutions" / chapter / f"{chapter}.ipynb", as_version=4))
     for case in raw:
         verdicts = P.decide(checks, inputs, case["payload"])
+        for where, calls in case.get("forbidden", {}).items():
+            # A probe's index, or the answer cell that was loading: its exercise's test cell.
+            for cell in owners.get(where, [checks[int(where)].test_cell] if where.isdigit() else []):
+                verdicts[cell] = P.Verdict(False, f"called {', '.join(calls)}, which this exercise forbids")
         result = CaseResult(case["name"], case["kernel_errors"],
                             {k: "passed" if v.passed else v.reason for k, v in verdicts.items()},
                             case["seconds"], case["output"])
@@ -157,13 +168,23 @@ def grade_cases(chapter: str, cases: list[dict], root: Path = REPO,
 
 
 def _run_case(cells: list[Cell], namespace: dict, answers: dict[str, str], inputs_text: str,
-              probes_path: Path, send) -> None:
-    """In the forked child: answer and test cells in order, then the trusted checks' outputs;
-    sends ``{"kernel_errors", "payload", "output"}`` through the pipe ``send``."""
+              probes_path: Path, forbidden: dict[str, list[str]], send) -> None:
+    """In the forked child: the trusted checks first (from the set-up namespace, one child per
+    probe with what it forbids blocked: grader/trusted_runner.py), then the answer and test cells
+    in order; sends ``{"kernel_errors", "payload", "forbidden", "output"}`` through ``send``."""
     from grader import probes as P
+    from grader import trusted_runner
 
+    os.setpgrp()  # the trusted checks' children go with the case when it is killed
     kernel_errors, captured = {}, io.StringIO()
     with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        try:
+            probes = [{"run": p.run, "forbid": forbidden.get(p.test_cell, [])}
+                      for p in P.load_probes(probes_path)]
+            mine = [(c.grade_id, answers.get(c.grade_id, c.source)) for c in cells if c.kind == "answer"]
+            trusted = trusted_runner.in_process(dict(namespace), probes, mine, P.decode(inputs_text))
+        except Exception:  # noqa: BLE001 - probes.py itself is broken: say so, not "died"
+            kernel_errors["*"], trusted = traceback.format_exc()[-2000:], {"payload": None, "forbidden": {}}
         for cell in cells:
             if cell.kind not in ("answer", "test"):
                 continue
@@ -174,11 +195,7 @@ def _run_case(cells: list[Cell], namespace: dict, answers: dict[str, str], input
                 if cell.kind == "test":
                     kernel_errors[cell.grade_id] = f"{type(error).__name__}: {error}"[:500]
                 # An answer cell that raises leaves its names undefined; the tests then fail on them.
-        try:
-            payload = P.kernel_outputs(namespace, str(probes_path), inputs_text)
-        except Exception:  # noqa: BLE001 - probes.py itself is broken: say so, not "died"
-            kernel_errors["*"], payload = traceback.format_exc()[-2000:], None
-    send.send({"kernel_errors": kernel_errors, "payload": payload, "output": captured.getvalue()[-3000:]})
+    send.send({"kernel_errors": kernel_errors, "output": captured.getvalue()[-3000:], **trusted})
 
 
 def main(chapter: str, request_path: str, results_path: str) -> None:
@@ -195,13 +212,17 @@ def main(chapter: str, request_path: str, results_path: str) -> None:
     if cells and cells[0].kind == "setup":
         with contextlib.redirect_stdout(io.StringIO()):
             exec(compile(cells[0].source, "<setup>", "exec"), namespace)  # noqa: S102
+    from grader.trusted import chapter_forbidden
+
+    source_nb = root / "solutions" / chapter / f"{chapter}.ipynb"
+    forbidden = chapter_forbidden(nbformat.read(source_nb, as_version=4))
     context = multiprocessing.get_context("fork")  # each case starts from the set-up namespace
     results = []
     for case in request["cases"]:
         start = time.monotonic()
         receive, send = context.Pipe(duplex=False)
         child = context.Process(target=_run_case, args=(cells, namespace, case["answers"],
-                                                        request["inputs"], probes_path, send))
+                                                        request["inputs"], probes_path, forbidden, send))
         child.start()
         send.close()
         try:
@@ -209,9 +230,12 @@ def main(chapter: str, request_path: str, results_path: str) -> None:
         except EOFError:
             result = "died without a result"
         if isinstance(result, str):  # nothing of the case counts: every test cell fails
-            child.kill()
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # the case and the trusted checks it forked
+            except OSError:
+                child.kill()
             result = {"kernel_errors": {"*": f"the case {result} after {time.monotonic() - start:.0f} s"},
-                      "payload": None, "output": ""}
+                      "payload": None, "forbidden": {}, "output": ""}
         child.join()
         receive.close()
         results.append({"name": case["name"], "seconds": round(time.monotonic() - start, 2), **result})

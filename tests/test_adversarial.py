@@ -222,7 +222,8 @@ def add(a, b):
         "loop": {"answers": {"ex1_add": loop}},
         "alwayseq": {"answers": {"ex1_add": always_equal}},
         "patcher": {"answers": {"ex1_add": patcher}},
-        "hooker": {"answers": {"ex1_add": hooker}},
+        # The hook turns every later cell into `pass`, the wrong square's tests included.
+        "hooker": {"answers": {"ex1_add": hooker, "ex2_square": "def square(x):\n    return x + x\n"}},
         "silencer": {"answers": {"ex1_add": silencer}},
         "celleditor": {"answers": {"ex2_square": "def square(x):\n    return x + x\n"},
                        "edit": delete_and_edit},
@@ -272,7 +273,9 @@ def _grade(folder: Path) -> dict:
         "secrets": [str(course / "solutions" / CHAPTER / f"{CHAPTER}.ipynb"), str(workspace / "gradebook.db"),
                     str(workspace / "source" / CHAPTER / f"{CHAPTER}.ipynb"),
                     str(workspace / "autograded" / "reader" / CHAPTER / f"{CHAPTER}.ipynb"),
-                    str(workspace / "nbgrader_config.py"), "/root/.bash_history", "/etc/shadow"],
+                    str(workspace / "nbgrader_config.py"), "/root/.bash_history", "/etc/shadow",
+                    # where the trusted checks' specs used to be mounted, and the grader's package
+                    "/opt/n2l/probes.py", "/opt/n2l/lib/grader/probes.py"],
         "targets": [str(outside), str(workspace / "gradebook.db"), str(workspace / "nbgrader_config.py"),
                     str(workspace / "submitted" / "honest" / CHAPTER / f"{CHAPTER}.ipynb"),
                     str(course / "solutions" / CHAPTER / f"{CHAPTER}.ipynb")],
@@ -367,11 +370,14 @@ def test_suppressed_tracebacks_still_fail(batch):
     assert "traceback suppression" in _flags(batch, "silencer")
 
 
-def test_rewriting_later_cells_scores_zero(batch):
+def test_rewriting_later_cells_earns_nothing(batch):
+    """Every in-kernel test passes (rewritten to `pass`); the trusted checks, which never ran in
+    that kernel, grade the answers themselves: the right ones keep their points, the wrong one
+    scores 0."""
     row = _row(batch, "hooker")
-    assert row["score"] == "0", row
+    assert row["ex2_square_tests"] == "0" and row["score"] == str(MAX_SCORE - 2), row
     flags = _flags(batch, "hooker")
-    assert flags.count("trusted check overrules") == 3 and "IPython hooks" in flags, flags
+    assert flags.count("trusted check overrules") == 1 and "IPython hooks" in flags, flags
 
 
 def test_kernel_suicide_is_an_error_not_a_zero(batch):

@@ -53,7 +53,9 @@ def graded(chapter: str, base: Path) -> dict:
                       "--jobs", "2", "--notebook-timeout", "600",
                       # No quick-mode cell needs 2 minutes; a stalled kernel is retried sooner.
                       "--cell-timeout", "120")
-    report = run_grader("report", "--chapter", chapter, "--workspace", workspace, "--no-feedback")
+    # Similarity is tested in test_similarity.py: the solution is like its own "wrong" submission.
+    report = run_grader("report", "--chapter", chapter, "--workspace", workspace, "--no-feedback",
+                        "--no-similarity")
     assert report.returncode == 0, report.stderr
     return {"grades": read_grades(workspace, chapter), "tests": tests, "expected": expected,
             "autograde": auto, "combined": combined["name"],
