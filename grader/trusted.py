@@ -36,6 +36,7 @@ from pathlib import Path
 import nbformat
 
 from grader import trusted_runner
+from grader.flags import _meta  # a cell's nbgrader metadata (one home)
 from grader.probes import Probe, Tensors, encode
 
 RUNNER_INSIDE = "/opt/n2l/trusted_runner.py"
@@ -71,10 +72,6 @@ def forbidden_targets(test_source: str) -> list[str]:
             elif isinstance(arg, ast.Starred) and isinstance(arg.value, ast.Name):
                 found += tuples.get(arg.value.id, [])
     return list(dict.fromkeys(found))
-
-
-def _meta(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {}) or {}
 
 
 def chapter_forbidden(source_nb: nbformat.NotebookNode) -> dict[str, list[str]]:
@@ -338,7 +335,12 @@ class _Session:
                     selector.unregister(key.fd)
                     open_fds -= 1
                     continue
-                for message in self._messages(key.fd, chunk):
+                try:
+                    messages = self._messages(key.fd, chunk)
+                except ValueError:
+                    self.problem = "the trusted checks sent a message over the size limit"
+                    break
+                for message in messages:
                     key.data(message)
         selector.close()
 
