@@ -210,12 +210,22 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     work.mkdir(parents=True)
     seed = probes.new_seed()
     slot = settings.slots.get()
+    runner, plan = None, None
     try:
+        # The trusted checks' sandbox starts first: it imports torch and runs the setup cell while
+        # the notebook runs (step 3 gets the answers once the notebook is graded).
+        runner, plan = _start_trusted_checks(settings, slot, work)
         outcome = _run_notebook(ws, chapter, student, settings, slot, work, log_path)
         if outcome.status == "graded":
             inputs = probes.make_inputs(settings.checks, seed)
-            result = _run_trusted_checks(ws, chapter, student, settings, slot, work, inputs)
+            submitted = nbformat.read(ws.submitted(student, chapter), as_version=4)
+            result = runner.finish(trusted.answer_cells(submitted, settings.release), inputs,
+                                   settings.notebook_timeout)
     finally:
+        if runner is not None:
+            runner.close()
+        if plan is not None:
+            _end_plan(plan)
         settings.slots.put(slot)
     outcome.seed = seed
     graded = ws.autograded(student, chapter)
@@ -263,39 +273,39 @@ def _sandbox_attempt(ws: Workspace, settings: Settings, slot: int, work: Path, e
         yield {**env, sandbox.PLAN_ENV: str(work / "plan.json"), "TMPDIR": plan.runtime_dir,
                "JUPYTER_RUNTIME_DIR": plan.runtime_dir, "JUPYTER_PATH": str(ws.path / "jupyter")}
     finally:
-        if plan.uid is not None:  # nothing of this student's may outlive its grading
-            subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
-        sandbox.remove_plan(plan)
+        _end_plan(plan)
 
 
-def _run_trusted_checks(ws: Workspace, chapter: str, student: str, settings: Settings, slot: int,
-                        work: Path, inputs: dict) -> trusted.TrustedResult:
-    """Step 3: the trusted checks in a fresh sandbox, on the answer cells of the submitted file."""
-    submitted = nbformat.read(ws.submitted(student, chapter), as_version=4)
-    job = trusted.build_job(settings.checks, trusted.answer_cells(submitted, settings.release),
-                            trusted.setup_cell(settings.release), settings.forbidden,
+def _start_trusted_checks(settings: Settings, slot: int,
+                          work: Path) -> tuple[trusted.TrustedRun, sandbox.Plan | None]:
+    """Step 3 begins: the trusted checks' runner in a fresh sandbox of its own (grader/trusted.py)."""
+    job = trusted.build_job(settings.checks, trusted.setup_cell(settings.release), settings.forbidden,
                             trusted.answer_owners(settings.release),
                             threads=int(settings.env.get("OMP_NUM_THREADS", "1")),
                             child_timeout=settings.cell_timeout)
     if not settings.use_sandbox:
         job["course_lib"] = str(settings.withheld)
-        env = {**os.environ, **settings.env}
-        return trusted.run_trusted(job, inputs, command=trusted.runner_command(False), env=env,
-                                   timeout=settings.notebook_timeout)
+        return trusted.TrustedRun(job, command=trusted.runner_command(False),
+                                  env={**os.environ, **settings.env}), None
     job.update({"course_lib": f"{sandbox.LIB}/course_lib", "isolated": True})
-    plan = sandbox.make_plan(slot=slot, env=settings.env, limits=settings.limits,
-                             packages={"course_lib": str(settings.withheld)},
+    # A uid of its own: the end of the notebook's sandbox kills every process of the kernel's uid.
+    plan = sandbox.make_plan(slot=slot + sandbox.TRUSTED_SLOT_OFFSET, env=settings.env,
+                             limits=settings.limits, packages={"course_lib": str(settings.withheld)},
                              files={trusted.RUNNER_INSIDE: trusted.trusted_runner.__file__})
     plan.as_pid_1 = True  # the runner: no student code in the sandbox can signal it
     plan.save(work / "trusted_plan.json")
     try:
-        return trusted.run_trusted(job, inputs, command=trusted.runner_command(True),
-                                   env={**os.environ, sandbox.PLAN_ENV: str(work / "trusted_plan.json")},
-                                   timeout=settings.notebook_timeout)
-    finally:
-        if plan.uid is not None:
-            subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
-        sandbox.remove_plan(plan)
+        return trusted.TrustedRun(job, command=trusted.runner_command(True),
+                                  env={**os.environ, sandbox.PLAN_ENV: str(work / "trusted_plan.json")}), plan
+    except BaseException:
+        _end_plan(plan)
+        raise
+
+
+def _end_plan(plan: sandbox.Plan) -> None:
+    if plan.uid is not None:  # nothing of this student's may outlive its grading
+        subprocess.run(["pkill", "-KILL", "-u", str(plan.uid)], capture_output=True)
+    sandbox.remove_plan(plan)
 
 
 def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: float,

@@ -2,13 +2,15 @@
 
 After a submission's notebook has run (in-kernel tests), the grader:
 
-1. takes the student's answer cells from the submitted file, and the setup cell from the release
-   (:func:`build_job`); each probe's call is pickled with cloudpickle (the instructor's code,
-   never its ``expected`` side), and what each exercise forbids is read from its hidden tests'
-   ``forbidden(...)`` calls (:func:`forbidden_targets`: the hidden tests stay their one home);
-2. starts grader/trusted_runner.py in a fresh sandbox that mounts only that file, the Python
+1. starts grader/trusted_runner.py in a fresh sandbox that mounts only that file, the Python
    packages and :func:`withheld_course_lib` (course_lib with the chapter's reference answers
-   replaced by stubs), never the grader or probes.py (:func:`run_trusted`);
+   replaced by stubs), never the grader or probes.py (:class:`TrustedRun`), while the notebook
+   still runs in a sandbox of its own; it gets the release's setup cell, each probe's call pickled
+   with cloudpickle (the instructor's code, never its ``expected`` side) and what each exercise
+   forbids, read from its hidden tests' ``forbidden(...)`` calls (:func:`build_job`,
+   :func:`forbidden_targets`: the hidden tests stay their one home);
+2. once the notebook is graded, sends the student's answer cells, taken from the submitted file
+   (:func:`answer_cells`);
 3. sends each probe's secret inputs only after the runner says the answers are loaded, and reads
    back outputs (plain tensors), errors and forbidden calls: the payload
    :func:`grader.probes.decide` judges, outside any student code.
@@ -196,17 +198,16 @@ def answer_owners(release: nbformat.NotebookNode) -> dict[str, list[str]]:
     return owners
 
 
-def build_job(probes: list[Probe], answers: list[tuple[str, str]], setup: str,
-              forbidden: dict[str, list[str]], owners: dict[str, list[str]], threads: int = 1,
-              child_timeout: float = 600) -> dict:
-    """What the runner gets (see the module docstring); ``owners`` from :func:`answer_owners`."""
+def build_job(probes: list[Probe], setup: str, forbidden: dict[str, list[str]],
+              owners: dict[str, list[str]], threads: int = 1, child_timeout: float = 600) -> dict:
+    """What the runner gets first (see the module docstring); ``owners`` from
+    :func:`answer_owners`. The answer cells follow in :meth:`TrustedRun.finish`."""
     import base64
 
     import cloudpickle
 
     return {
         "setup": setup,
-        "answers": answers,
         "owners": owners,
         "child_timeout": child_timeout,  # per exercise: loading the answers and the call
         "threads": threads,
@@ -345,33 +346,56 @@ class _Session:
         selector.close()
 
 
-def run_trusted(job: dict, inputs: dict[str, Tensors], *, command: list[str], env: dict[str, str],
-                timeout: float) -> TrustedResult:
-    """Run ``command`` (the runner, in a sandbox or not) on ``job``; see the module docstring.
-    The control pipe's descriptor number is appended to the command."""
-    read_control, write_control = os.pipe()
-    proc = None
-    try:
-        proc = subprocess.Popen([*command, str(write_control)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                start_new_session=True, pass_fds=(write_control,))
-        os.close(write_control)
-        write_control = -1
-        session = _Session(proc, read_control, job, inputs)
-        session._send(job)
-        session.run(time.monotonic() + timeout)
-    finally:
-        if write_control >= 0:
+class TrustedRun:
+    """The runner, started ahead: it imports torch and runs the release's setup cell while the
+    notebook still runs in its own sandbox; :meth:`finish` then sends the student's answers."""
+
+    def __init__(self, job: dict, *, command: list[str], env: dict[str, str]) -> None:
+        self.job = job
+        self.read_control, write_control = os.pipe()
+        try:
+            # The control pipe's descriptor number is appended to the command.
+            self.proc = subprocess.Popen([*command, str(write_control)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                         start_new_session=True, pass_fds=(write_control,))
+        except BaseException:
+            os.close(self.read_control)
+            raise
+        finally:
             os.close(write_control)
-        if proc is not None:
-            _stop(proc)
-        os.close(read_control)
-    errors = dict(session.errors)
-    for i in range(len(job["probes"])):
-        if str(i) not in session.outputs and str(i) not in errors:
-            errors[str(i)] = session.problem or "no result"
-    return TrustedResult({"outputs": encode(session.outputs), "errors": errors}, session.forbidden,
-                         session.answer_errors, session.problem)
+        self.session = _Session(self.proc, self.read_control, job, {})
+        self.session._send(job)
+
+    def finish(self, answers: list[tuple[str, str]], inputs: dict[str, Tensors],
+               timeout: float) -> TrustedResult:
+        """Send the answer cells, run every probe on ``inputs`` (sent one by one, each after its
+        answers loaded), stop the runner, and return what it found."""
+        session = self.session
+        session.inputs = inputs
+        session._send({"answers": answers})
+        try:
+            session.run(time.monotonic() + timeout)
+        finally:
+            self.close()
+        errors = dict(session.errors)
+        for i in range(len(self.job["probes"])):
+            if str(i) not in session.outputs and str(i) not in errors:
+                errors[str(i)] = session.problem or "no result"
+        return TrustedResult({"outputs": encode(session.outputs), "errors": errors}, session.forbidden,
+                             session.answer_errors, session.problem)
+
+    def close(self) -> None:
+        if self.proc.returncode is None:
+            _stop(self.proc)
+        if self.read_control >= 0:
+            os.close(self.read_control)
+            self.read_control = -1
+
+
+def run_trusted(job: dict, answers: list[tuple[str, str]], inputs: dict[str, Tensors], *,
+                command: list[str], env: dict[str, str], timeout: float) -> TrustedResult:
+    """Start the runner and finish it at once (see :class:`TrustedRun`)."""
+    return TrustedRun(job, command=command, env=env).finish(answers, inputs, timeout)
 
 
 def _stop(proc: subprocess.Popen) -> None:

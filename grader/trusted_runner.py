@@ -7,10 +7,11 @@ reference answers for the chapter are withheld (grader/trusted.py) are mounted: 
 not probes.py, not the notebook. The two talk in JSON lines over stdin and stdout::
 
     grader (outside)                               this process (inside the sandbox)
-    1. the job: the release's setup cell, the  ->  imports; runs the setup cell (release code)
-       student's answer cells (taken from the
-       submitted file), each probe's call
-       (pickled) and what it forbids
+    1. the job: the release's setup cell, each ->  imports; runs the setup cell (release code)
+       probe's call (pickled) and what it        (started while the notebook still runs)
+       forbids
+       then the student's answer cells, taken  ->
+       from the submitted file
                                                    for each probe i, a forked child:
                                                    2. blocks what probe i forbids (below)
                                                    3. runs the answer cells     -> {"loaded": i}
@@ -545,6 +546,9 @@ def serve(data: Channel, control: Channel, job: dict, isolated: bool) -> None:
     namespace = new_namespace()
     if job.get("setup"):
         exec(cell_code(job["setup"], "setup"), namespace)  # noqa: S102 - the release's own cell
+    # Ready: the grader may have started this process while the notebook still runs. The
+    # student's answer cells come only now.
+    job["answers"] = data.receive()["answers"]
     slow: list[str] = []  # answer cells that ran past the limit while loading: skipped from then on
     index = 0
     while index < len(job["probes"]):
