@@ -154,6 +154,9 @@ def withheld_course_lib(dest: Path, targets: list[str]) -> Path:
         path = package.joinpath(*module.split(".")).with_suffix(".py")
         tree = _Withhold(f"course_lib.{module}", names).visit(ast.parse(path.read_text()))
         path.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+    import compileall
+
+    compileall.compile_dir(package, quiet=1)  # once per batch: the sandbox may not write bytecode
     return package
 
 
