@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from grader import similarity  # noqa: E402
 from grader.workspace import Workspace  # noqa: E402
-from tests.grading_helpers import fill_answers, wrong_answers  # noqa: E402
+from tests.grading_helpers import write_submissions, wrong_answers  # noqa: E402
 
 
 def strip_markers(source: str) -> str:
@@ -121,10 +121,7 @@ def main() -> int:
         ws = Workspace(Path(tmp) / "ws", REPO)
         ws.release_notebook(chapter).parent.mkdir(parents=True)
         shutil.copyfile(release_path, ws.release_notebook(chapter))
-        for student, cells in made.items():
-            path = ws.submitted(student, chapter)
-            path.parent.mkdir(parents=True)
-            nbformat.write(fill_answers(release, cells), path)
+        write_submissions(ws, chapter, release, made)
         if args.no_course_lib:
             similarity.course_lib_references = lambda _path: {}
         out = ws.reports(chapter) / "similarity.html"

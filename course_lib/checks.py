@@ -176,7 +176,7 @@ def check_true(condition: bool, message: str, hint: str | None = None, name: str
 _ABSENT = object()
 
 
-def _resolve(target: str) -> tuple[Any, str]:
+def resolve(target: str) -> tuple[Any, str]:
     """Split ``'torch.nn.functional.cross_entropy'`` into (owner object, attribute name)."""
     parts = target.split(".")
     for cut in range(len(parts) - 1, 0, -1):
@@ -210,7 +210,7 @@ def forbidden(*targets: str, namespace: dict[str, Any] | None = None,
     originals = []
     try:
         for target in targets:
-            owner, attr = _resolve(target)
+            owner, attr = resolve(target)
             original = getattr(owner, attr)
             originals.append(original)
             own = getattr(owner, "__dict__", None)

@@ -215,14 +215,20 @@ def integrity_flags(submitted: nbformat.NotebookNode, release: nbformat.Notebook
     return flags
 
 
+def _student_code(submitted: nbformat.NotebookNode,
+                  release: nbformat.NotebookNode) -> Iterator[tuple[str, nbformat.NotebookNode]]:
+    """``(label, cell)`` of each code cell the student wrote or changed (not verbatim from the
+    release); the label is its grade_id, else "cell N"."""
+    given = {c.source.strip() for c in release.cells if c.cell_type == "code"}
+    for index, cell in enumerate(submitted.cells):
+        if cell.cell_type == "code" and cell.source.strip() not in given:
+            yield _meta(cell).get("grade_id") or f"cell {index + 1}", cell
+
+
 def code_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode) -> list[str]:
     """Suspicious constructs in the code the student wrote or changed."""
-    given = {c.source.strip() for c in release.cells if c.cell_type == "code"}
     flags = []
-    for index, cell in enumerate(submitted.cells):
-        if cell.cell_type != "code" or cell.source.strip() in given:
-            continue
-        label = _meta(cell).get("grade_id") or f"cell {index + 1}"
+    for label, cell in _student_code(submitted, release):
         found: dict[str, int] = {}
         for line, what in scan_source(cell.source):
             found.setdefault(what, line)
@@ -352,12 +358,8 @@ def trust_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode
             if isinstance(node, ast.ImportFrom) and node.module == "course_lib.checks":
                 helpers |= {a.asname or a.name for a in node.names}
         break  # the setup cell only
-    given = {c.source.strip() for c in release.cells if c.cell_type == "code"}
     flags = []
-    for index, cell in enumerate(submitted.cells):
-        if cell.cell_type != "code" or cell.source.strip() in given:
-            continue
-        label = _meta(cell).get("grade_id") or f"cell {index + 1}"
+    for label, cell in _student_code(submitted, release):
         try:
             tree = ast.parse(_python_source(cell.source))
         except SyntaxError:

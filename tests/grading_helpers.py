@@ -76,6 +76,16 @@ def fill_answers(notebook: nbformat.NotebookNode, answers: dict[str, str]) -> nb
     return filled
 
 
+def write_submissions(ws, chapter: str, release: nbformat.NotebookNode,
+                      submissions: dict[str, dict[str, str]]) -> None:
+    """Each student's copy of ``release`` with their answers, where the grader keeps submissions
+    (``ws``: a grader.workspace.Workspace)."""
+    for student, answers in submissions.items():
+        path = ws.submitted(student, chapter)
+        path.parent.mkdir(parents=True)
+        nbformat.write(fill_answers(release, answers), path)
+
+
 def cell_role(metadata: dict) -> str:
     """"answer", "test" or "demo" for a code cell's metadata, as nbgrader reads it."""
     meta = metadata.get("nbgrader", {})

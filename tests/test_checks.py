@@ -401,7 +401,7 @@ def test_forbidden_same_target_twice(fake_module):
 
 
 def test_resolve_splits_module_and_attribute():
-    owner, attr = checks._resolve("torch.nn.functional.cross_entropy")
+    owner, attr = checks.resolve("torch.nn.functional.cross_entropy")
     assert owner is torch.nn.functional and attr == "cross_entropy"
-    owner, attr = checks._resolve("torch.Tensor.sum")
+    owner, attr = checks.resolve("torch.Tensor.sum")
     assert owner is torch.Tensor and attr == "sum"

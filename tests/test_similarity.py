@@ -15,7 +15,7 @@ import pytest
 from grader import report, similarity
 from grader.similarity import Thresholds
 from grader.workspace import Workspace
-from tests.grading_helpers import REPO, cells_by_role, fill_answers
+from tests.grading_helpers import REPO, cells_by_role, write_submissions
 
 CHAPTER = "ch03_losses"
 SOURCE = nbformat.read(REPO / "solutions" / CHAPTER / f"{CHAPTER}.ipynb", as_version=4)
@@ -214,10 +214,7 @@ def _workspace(tmp_path, submissions: dict[str, dict[str, str]]) -> Workspace:
     ws = Workspace(tmp_path / "ws", REPO)
     ws.release_notebook(CHAPTER).parent.mkdir(parents=True)
     nbformat.write(RELEASE, ws.release_notebook(CHAPTER))
-    for student, cells in submissions.items():
-        path = ws.submitted(student, CHAPTER)
-        path.parent.mkdir(parents=True)
-        nbformat.write(fill_answers(RELEASE, cells), path)
+    write_submissions(ws, CHAPTER, RELEASE, submissions)
     return ws
 
 
