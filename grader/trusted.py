@@ -244,6 +244,7 @@ class _Session:
         self.forbidden: dict[str, list[str]] = {}
         self.answer_errors: dict[str, str] = {}
         self.sent: set[int] = set()
+        self.pending: list[dict] = []  # data read before the control pipe announced its probe
         self.finished = False
         self.problem = ""
 
@@ -286,7 +287,11 @@ class _Session:
             for cell in message.get("skipped") or []:
                 self.answer_errors[str(cell)[:100]] = ("ran past the per-cell time limit while loading; "
                                                        "left out of the trusted checks")
+            waiting, self.pending = self.pending, []
+            for early in waiting:
+                self.on_data(early)
         elif "done" in message:
+            self._drain_data()  # the child has exited: everything it sent is in the pipe
             index = str(message["done"])
             if index not in self.outputs and index not in self.errors:
                 timed_out = message.get("status") == "timed out"
@@ -299,9 +304,20 @@ class _Session:
             self.finished = True
 
     def on_data(self, message: dict) -> None:
+        """A message of probe ``message["index"]``'s child. The two pipes are read in turn, so
+        a child's first message can be read before the control pipe's "probe" that preceded
+        it: such a message waits for it. Messages of finished probes are dropped."""
         i = self.current
-        if i is None:
-            return  # nothing may speak between probes
+        try:
+            claimed = int(message.get("index"))
+        except (TypeError, ValueError):
+            return
+        if i is None or claimed > i:
+            if len(self.pending) < 100:
+                self.pending.append(message)
+            return
+        if claimed != i:
+            return
         index, cell = str(i), self.job["probes"][i]["test_cell"]
         if "forbidden" in message:
             what = f"{message['forbidden']}"[:200]
@@ -322,6 +338,27 @@ class _Session:
                     self.errors[index] = f"unreadable outputs ({error})"
             elif "error" in message:
                 self.errors[index] = f"{message['error']}"[:500]
+
+    def _drain_data(self) -> None:
+        """Handle whatever the data pipe holds now, without waiting."""
+        os.set_blocking(self.data_fd, False)
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.data_fd, 1 << 20)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                try:
+                    messages = self._messages(self.data_fd, chunk)
+                except ValueError:
+                    self.problem = "the trusted checks sent a message over the size limit"
+                    break
+                for message in messages:
+                    self.on_data(message)
+        finally:
+            os.set_blocking(self.data_fd, True)
 
     def run(self, deadline: float) -> None:
         selector = selectors.DefaultSelector()

@@ -474,13 +474,16 @@ def _child(data: Channel, namespace: dict, job: dict, index: int, answers: list,
     """One probe in a forked child, talking to the grader: inputs only once the answers are loaded.
     Which answer cell is loading goes to the parent through ``progress_fd``."""
     def receive_inputs(errors: dict) -> dict:
-        data.send({"loaded": index, "answer_errors": errors})
+        data.send({"index": index, "loaded": index, "answer_errors": errors})
         return decode(data.receive()["inputs"]).get("0", {})
 
+    def report(target: str, how: str, cell: str | None) -> None:
+        data.send({"index": index, "forbidden": target, "how": how, "cell": cell})
+
     write = os.write
-    data.send(run_probe(namespace, job["probes"][index], answers,
-                        lambda target, how, cell: data.send({"forbidden": target, "how": how, "cell": cell}),
-                        receive_inputs, lambda cell: write(progress_fd, f"{cell}\n".encode())))
+    result = run_probe(namespace, job["probes"][index], answers, report, receive_inputs,
+                       lambda cell: write(progress_fd, f"{cell}\n".encode()))
+    data.send({"index": index, **result})
 
 
 def in_process(namespace: dict, probes: list[dict], answers: list, inputs: dict[str, dict]) -> dict:

@@ -218,3 +218,41 @@ def test_static_flags_for_rebinding_test_helpers_and_importing_references():
     assert text.count("imports course_lib.losses") == 2
     honest = new_notebook(cells=[release.cells[0], new_code_cell("def log_softmax(x):\n    return x\n")])
     assert F.trust_flags(honest, release, {"course_lib.losses"}) == []
+
+
+def test_messages_read_out_of_order_are_attributed_to_their_probe():
+    """The runner's control and data pipes are read in turn: a child's "loaded" can be read before
+    the "probe" that preceded it, and a "done" before the child's last message. Neither may be lost."""
+    import io
+    import os
+    import types
+
+    import torch
+
+    from grader.trusted import _Session
+    from grader.trusted_runner import as_tensors, encode
+
+    read_fd, write_fd = os.pipe()
+    sent = io.BytesIO()
+    proc = types.SimpleNamespace(stdout=os.fdopen(read_fd, "rb"), stdin=sent)
+    job = {"probes": [{"test_cell": "a_tests"}, {"test_cell": "b_tests"}], "owners": {}}
+    inputs = {"0": {"x": torch.ones(1)}, "1": {"x": torch.zeros(1)}}
+    session = _Session(proc, -1, job, inputs)
+
+    def out(i):
+        return {"index": i, "outputs": encode({"0": as_tensors(torch.full((1,), float(i)))})}
+
+    session.on_data({"index": 0, "loaded": 0})  # before its "probe": waits
+    session.on_control({"probe": 0})
+    assert 0 in session.sent
+    for message in (out(0), {"index": 1, "loaded": 1}):  # in the pipe when "done 0" is read
+        body = __import__("json").dumps(message).encode()
+        os.write(write_fd, len(body).to_bytes(8, "big") + body)
+    session.on_control({"done": 0, "status": 0})
+    session.on_control({"probe": 1})
+    session.on_data(out(1))
+    session.on_control({"done": 1, "status": 0})
+    assert sorted(session.outputs) == ["0", "1"] and session.errors == {}
+    assert float(session.outputs["1"]["out"]) == 1.0
+    os.close(write_fd)
+    proc.stdout.close()
