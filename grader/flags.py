@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import copy
 import re
+from collections import Counter
 from collections.abc import Iterator
 
 import nbformat
@@ -358,32 +359,48 @@ def trust_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode
             if isinstance(node, ast.ImportFrom) and node.module == "course_lib.checks":
                 helpers |= {a.asname or a.name for a in node.names}
         break  # the setup cell only
+    release_code = [c for c in release.cells if c.cell_type == "code"]
+    submitted_code = [c for c in submitted.cells if c.cell_type == "code"]
     flags = []
     for label, cell in _student_code(submitted, release):
-        try:
-            tree = ast.parse(_python_source(cell.source))
-        except SyntaxError:
-            continue
+        # An edited release cell (the setup cell, say) is flagged only for what the edit added.
+        position = submitted_code.index(cell)
+        original = release_code[position] if position < len(release_code) and \
+            _meta(release_code[position]).get("grade_id") == _meta(cell).get("grade_id") else None
+        baseline = Counter(what for what, _ in _trust_findings(original.source, helpers, reference_modules)) \
+            if original is not None else Counter()
         found: dict[str, int] = {}
-        for node in ast.walk(tree):
-            bound: list[str] = []
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                bound = [node.name]
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-                bound = [node.id]
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                bound = [(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"]
-                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-                for module in modules:
-                    if module in reference_modules:
-                        found.setdefault(f"imports {module}, which holds this chapter's reference answers",
-                                         node.lineno)
-            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and \
-                    node.slice.value in helpers and isinstance(node.ctx, ast.Store):
-                bound = [node.slice.value]  # globals()["forbidden"] = ...
-            for name in bound:
-                if name in helpers:
-                    found.setdefault(f"rebinds {name}, a helper the tests use", getattr(node, "lineno", 1))
+        for what, line in _trust_findings(cell.source, helpers, reference_modules):
+            if baseline[what] > 0:
+                baseline[what] -= 1
+            else:
+                found.setdefault(what, line)
         flags += [f"suspicious: {what} in {label}, line {line}" for what, line in found.items()]
     return flags
+
+
+def _trust_findings(source: str, helpers: set[str], reference_modules: set[str]) -> list[tuple[str, int]]:
+    """``(what, line)`` for every binding of a test helper and import of a reference module."""
+    try:
+        tree = ast.parse(_python_source(source))
+    except SyntaxError:
+        return []
+    found = []
+    for node in ast.walk(tree):
+        bound: list[str] = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound = [node.name]
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound = [node.id]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound = [(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"]
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [(f"imports {m}, which holds this chapter's reference answers", node.lineno)
+                      for m in modules if m in reference_modules]
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and \
+                node.slice.value in helpers and isinstance(node.ctx, ast.Store):
+            bound = [node.slice.value]  # globals()["forbidden"] = ...
+        found += [(f"rebinds {name}, a helper the tests use", getattr(node, "lineno", 1))
+                  for name in bound if name in helpers]
+    return found

@@ -218,6 +218,11 @@ def test_static_flags_for_rebinding_test_helpers_and_importing_references():
     assert text.count("imports course_lib.losses") == 2
     honest = new_notebook(cells=[release.cells[0], new_code_cell("def log_softmax(x):\n    return x\n")])
     assert F.trust_flags(honest, release, {"course_lib.losses"}) == []
+    # An edited setup cell: only what the edit added (its own imports are the release's).
+    edited = new_notebook(cells=[new_code_cell(release.cells[0].source + "import numpy as np\n"
+                                               "forbidden = None\n")])
+    assert F.trust_flags(edited, release, {"course_lib.losses"}) == [
+        "suspicious: rebinds forbidden, a helper the tests use in cell 1, line 4"]
 
 
 def test_messages_read_out_of_order_are_attributed_to_their_probe():
