@@ -265,8 +265,10 @@ class _Session:
         out = []
         while len(self.buffers[fd]) >= 8:
             size = int.from_bytes(self.buffers[fd][:8], "big")
-            if size > trusted_runner.MAX_MESSAGE:
-                raise ValueError("a message longer than the limit")
+            if size > trusted_runner.MAX_MESSAGE:  # ends the checks (see run)
+                self.problem = "the trusted checks sent a message over the size limit"
+                self.buffers[fd] = b""
+                return out
             if len(self.buffers[fd]) < 8 + size:
                 break
             body, self.buffers[fd] = self.buffers[fd][8:8 + size], self.buffers[fd][8 + size:]
@@ -350,12 +352,7 @@ class _Session:
                     break
                 if not chunk:
                     break
-                try:
-                    messages = self._messages(self.data_fd, chunk)
-                except ValueError:
-                    self.problem = "the trusted checks sent a message over the size limit"
-                    break
-                for message in messages:
+                for message in self._messages(self.data_fd, chunk):
                     self.on_data(message)
         finally:
             os.set_blocking(self.data_fd, True)
@@ -376,12 +373,7 @@ class _Session:
                     selector.unregister(key.fd)
                     open_fds -= 1
                     continue
-                try:
-                    messages = self._messages(key.fd, chunk)
-                except ValueError:
-                    self.problem = "the trusted checks sent a message over the size limit"
-                    break
-                for message in messages:
+                for message in self._messages(key.fd, chunk):
                     key.data(message)
         selector.close()
 
