@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         records, graded_now = autograde(ws, chapter, args.submissions, jobs=args.jobs,
                             cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
                             quick=not args.full, force=args.force, id_pattern=args.id_pattern,
-                            progress=sys.stderr.isatty() or bool(os.environ.get("N2L_PROGRESS")),
+                            progress=sys.stderr.isatty() or bool(os.environ.get("COURSE_PROGRESS")),
                             use_sandbox=not args.unsafe_no_sandbox,
                             limits=Limits(memory_bytes=int(args.memory_limit * 2**30),
                                           address_space_bytes=int(args.memory_limit * 2**30)))

@@ -1,4 +1,5 @@
-"""Where the course lives: the repository root, its chapters, and their names."""
+"""Where the course lives: the repository root, its chapters and their names, and what each
+notebook cell is to nbgrader (its role)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,43 @@ def compare_trees(expected: Path, actual: Path) -> tuple[list[str], list[str], l
     changed = [name for name in sorted(set(want) & set(have))
                if not filecmp.cmp(want[name], have[name], shallow=False)]
     return sorted(set(want) - set(have)), sorted(set(have) - set(want)), changed
+
+
+# -- a cell's role, as nbgrader reads its metadata (the one place this rule is written) -----------
+#
+#   role      nbgrader metadata             what it is
+#   "answer"  solution and not grade        code the student writes (BEGIN/END SOLUTION)
+#   "test"    grade and not solution        a locked, autograded test cell worth `points`
+#   "other"   anything else                 prose, demos, setup; a manually graded cell
+#
+# Markdown cells are "other" whatever their metadata says: this course grades code only.
+
+
+def nbgrader_meta(cell) -> dict:
+    """A cell's ``metadata.nbgrader`` (``{}`` when absent or not a dict)."""
+    meta = (cell.get("metadata") or {}).get("nbgrader", {})
+    return meta if isinstance(meta, dict) else {}
+
+
+def cell_role(cell) -> str:
+    """``"answer"``, ``"test"`` or ``"other"`` for a notebook cell (a dict or NotebookNode)."""
+    if cell.get("cell_type") != "code":
+        return "other"
+    meta = nbgrader_meta(cell)
+    if meta.get("solution") and not meta.get("grade"):
+        return "answer"
+    if meta.get("grade") and not meta.get("solution"):
+        return "test"
+    return "other"
+
+
+def cell_source(cell) -> str:
+    """A cell's source as one string (nbformat allows a list of lines on disk)."""
+    source = cell.get("source", "")
+    return source if isinstance(source, str) else "".join(source)
+
+
+def cells_with_role(nb, role: str) -> dict[str, dict]:
+    """``grade_id -> cell`` for the notebook's cells of ``role``, in notebook order."""
+    return {nbgrader_meta(c)["grade_id"]: c for c in nb["cells"]
+            if cell_role(c) == role and isinstance(nbgrader_meta(c).get("grade_id"), str)}

@@ -13,7 +13,7 @@ at most ``POLL_SLICE_S``. Use it through configuration (nbclient builds its own 
 
     c.AsyncKernelManager.client_class = "grader.kernel_client.SlicedPollKernelClient"
 
-To count missed wake-ups, set ``N2L_STALL_LOG`` to a file: every reply read ``LATE_S`` or more
+To count missed wake-ups, set ``COURSE_STALL_LOG`` to a file: every reply read ``LATE_S`` or more
 after the kernel sent it (by the timestamp in its header) is appended there as one JSON line.
 The test suite does this and prints the count at its end.
 """
@@ -33,7 +33,7 @@ from traitlets import Type
 
 POLL_SLICE_S = 0.5
 CLIENT_CLASS = "grader.kernel_client.SlicedPollKernelClient"
-STALL_LOG_ENV = "N2L_STALL_LOG"
+STALL_LOG_ENV = "COURSE_STALL_LOG"
 LATE_S = 0.4  # far above a reply's usual delivery (milliseconds), just under one slice
 
 

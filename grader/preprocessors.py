@@ -93,7 +93,7 @@ def _is_grade_cell(cell: NotebookNode) -> bool:
 def _trusted_payload(nb: NotebookNode):
     """A test of whether an output is the in-kernel trusted checks' result (exempt: the grader
     takes that cell out afterwards); never true when no trusted cell was appended."""
-    path = os.environ.get("N2L_TRUSTED_CELL")
+    path = os.environ.get("COURSE_TRUSTED_CELL")
     try:
         source = Path(path).read_text().strip() if path else None
     except OSError:

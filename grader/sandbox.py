@@ -37,7 +37,7 @@ the original lies in a folder that uid cannot enter (a Python under /root/.pyenv
 ~root). Nothing is mounted on the host.
 
 ``python -m grader.sandbox kernel -f CONNECTION_FILE`` is the kernelspec's command: it reads the
-plan written by the grader (``N2L_SANDBOX_PLAN``), applies it, and becomes bubblewrap.
+plan written by the grader (``COURSE_SANDBOX_PLAN``), applies it, and becomes bubblewrap.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 KERNEL_NAME = "n2l-sandbox"
-PLAN_ENV = "N2L_SANDBOX_PLAN"
+PLAN_ENV = "COURSE_SANDBOX_PLAN"
+# The course's own settings a student may set (README); the grader's COURSE_* stay outside.
+STUDENT_ENV = ("COURSE_QUICK", "COURSE_DEVICE", "COURSE_CACHE_DIR")
 HOME = "/home/student"
 LIB = "/opt/n2l/lib"
 # Each parallel worker runs its kernels as its own uid (only when the grader is root).
@@ -388,7 +390,7 @@ def make_plan(*, slot: int, env: dict[str, str], limits: Limits,
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "TQDM_DISABLE": "0",
-        **{k: v for k, v in env.items() if k.startswith("COURSE_")},
+        **{k: v for k, v in env.items() if k in STUDENT_ENV},
     }
     return Plan(
         runtime_dir=str(runtime),

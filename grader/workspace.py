@@ -57,7 +57,7 @@ c.Execute.raise_on_iopub_timeout = False
 c.AsyncKernelManager.client_class = {client_class!r}
 # A deleted test cell is put back and graded instead of silently scoring 0.
 c.OverwriteCells.add_missing_cells = True
-if os.environ.get("N2L_SANDBOX_PLAN"):
+if os.environ.get("COURSE_SANDBOX_PLAN"):
     # The kernel runs in the grader's sandbox (grader/sandbox.py), reached over ipc sockets.
     c.Execute.kernel_name = "n2l-sandbox"
     c.KernelManager.transport = "ipc"

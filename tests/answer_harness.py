@@ -40,7 +40,8 @@ from pathlib import Path
 
 import nbformat
 
-from tests.grading_helpers import REPO, cell_role
+from grader.course import cell_role, cell_source, nbgrader_meta
+from tests.grading_helpers import REPO
 
 CASE_TIMEOUT_S = 180.0  # per case; a stuck case fails with "timed out", the others still run
 
@@ -62,11 +63,10 @@ def source_cells(chapter: str, root: Path = REPO) -> list[Cell]:
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
-        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        kind = cell_role(cell.get("metadata", {}))
+        kind = {"other": "demo"}.get(cell_role(cell), cell_role(cell))
         if not cells and kind == "demo":
             kind = "setup"  # the first code cell: imports and seeds, run once per chapter
-        cells.append(Cell(kind, cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", ""), source))
+        cells.append(Cell(kind, nbgrader_meta(cell).get("grade_id", ""), cell_source(cell)))
     return cells
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import nbformat
 
+from grader.course import cell_source, cells_with_role, nbgrader_meta
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -86,27 +88,10 @@ def write_submissions(ws, chapter: str, release: nbformat.NotebookNode,
         nbformat.write(fill_answers(release, answers), path)
 
 
-def cell_role(metadata: dict) -> str:
-    """"answer", "test" or "demo" for a code cell's metadata, as nbgrader reads it."""
-    meta = metadata.get("nbgrader", {})
-    if meta.get("solution") and not meta.get("grade"):
-        return "answer"
-    if meta.get("grade") and not meta.get("solution"):
-        return "test"
-    return "demo"
-
-
 def cells_by_role(nb: dict) -> tuple[dict[str, str], dict[str, float]]:
     """(answer grade_id -> source, test grade_id -> points) of a notebook."""
-    answers, tests = {}, {}
-    for cell in nb["cells"]:
-        meta = cell.get("metadata", {}).get("nbgrader", {})
-        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        role = cell_role(cell.get("metadata", {})) if cell["cell_type"] == "code" else "demo"
-        if role == "answer":
-            answers[meta["grade_id"]] = source
-        elif role == "test":
-            tests[meta["grade_id"]] = float(meta.get("points", 0))
+    answers = {gid: cell_source(c) for gid, c in cells_with_role(nb, "answer").items()}
+    tests = {gid: float(nbgrader_meta(c).get("points", 0)) for gid, c in cells_with_role(nb, "test").items()}
     return answers, tests
 
 

@@ -29,13 +29,13 @@ from urllib.parse import quote
 import pytest
 
 INSTALL_HINT = ("run `scripts/install_system_deps.sh` (it installs Debian's `postgresql` package) "
-                "or set N2L_PG_BIN to the folder that holds initdb and pg_ctl")
+                "or set COURSE_PG_BIN to the folder that holds initdb and pg_ctl")
 SUPERUSER = "grader"
 
 
 def find_bin_dir() -> Path:
     """The folder with PostgreSQL's server programs (highest installed version)."""
-    override = os.environ.get("N2L_PG_BIN")
+    override = os.environ.get("COURSE_PG_BIN")
     candidates = [override] if override else sorted(
         glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
         if Path(p).parent.name.isdigit() else 0)
