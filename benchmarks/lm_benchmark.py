@@ -159,7 +159,7 @@ def bench_generate(name: str, config: GPTConfig, device: torch.device, new_token
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--only", choices=["train", "generate"])
@@ -180,43 +180,64 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["auto", "flash", "cudnn", "efficient"],
                         help="restrict F.scaled_dot_product_attention to one kernel family")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def restrict_attention(backend_name: str) -> None:
+    """Let ``F.scaled_dot_product_attention`` use only one kernel family ("auto": all of them)."""
+    if backend_name == "auto":
+        return
+    for backend in ("flash", "cudnn", "mem_efficient", "math"):
+        enabled = backend == backend_name or (backend == "mem_efficient" and backend_name == "efficient")
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(enabled)
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def gpu_benchmarks(args: argparse.Namespace, device: torch.device) -> None:
+    """The GPU set: the 124M and 10M shapes' training, eager and compiled; 124M generation."""
+    compiled_modes = ([] if args.no_eager else [False]) + ([] if args.eager_only else [True])
+    steps = args.steps or 30
+    if args.only in (None, "train"):
+        for compile_model in compiled_modes:
+            if "gpt2-124m" in args.shapes:
+                emit(bench_train("gpt2-124m", GPT2_124M, device, args.gpt2_batch, args.gpt2_accum,
+                                 compile_model, warmup_steps=10, timed_steps=steps,
+                                 compile_mode=args.compile_mode, profile=args.profile))
+            if "char-10m" in args.shapes:
+                emit(bench_train("char-10m", CHAR_10M, device, args.char_batch, 1, compile_model,
+                                 warmup_steps=20, timed_steps=5 * steps,
+                                 compile_mode=args.compile_mode, profile=args.profile))
+    if args.only in (None, "generate"):
+        for row in bench_generate("gpt2-124m", GPT2_124M, device, new_tokens=512, prompt_len=16,
+                                  batch=args.gen_batch, modes=args.gen_modes):
+            emit(row)
+
+
+def cpu_benchmarks(args: argparse.Namespace, device: torch.device) -> None:
+    """The CPU set: the laptop recipe's training shape; a small model's generation."""
+    steps = args.steps or 10
+    if args.only in (None, "train"):
+        emit(bench_train("cpu-small", CPU_SMALL, device, 16, 1, False, warmup_steps=3,
+                         timed_steps=steps, profile=args.profile))
+    if args.only in (None, "generate"):
+        for row in bench_generate("cpu-generate", CPU_GENERATE, device, new_tokens=256,
+                                  prompt_len=16, batch=args.gen_batch, modes=["none", "kv"]):
+            emit(row)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
-    if args.attention_backend != "auto":
-        for backend in ("flash", "cudnn", "mem_efficient", "math"):
-            enabled = backend == args.attention_backend or (backend == "mem_efficient"
-                                                            and args.attention_backend == "efficient")
-            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(enabled)
-    emit = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
-
+    restrict_attention(args.attention_backend)
     if device.type == "cuda":
-        compiled_modes = ([] if args.no_eager else [False]) + ([] if args.eager_only else [True])
-        steps = args.steps or 30
-        if args.only in (None, "train"):
-            for compile_model in compiled_modes:
-                if "gpt2-124m" in args.shapes:
-                    emit(bench_train("gpt2-124m", GPT2_124M, device, args.gpt2_batch, args.gpt2_accum,
-                                     compile_model, warmup_steps=10, timed_steps=steps,
-                                     compile_mode=args.compile_mode, profile=args.profile))
-                if "char-10m" in args.shapes:
-                    emit(bench_train("char-10m", CHAR_10M, device, args.char_batch, 1, compile_model,
-                                     warmup_steps=20, timed_steps=5 * steps,
-                                     compile_mode=args.compile_mode, profile=args.profile))
-        if args.only in (None, "generate"):
-            for row in bench_generate("gpt2-124m", GPT2_124M, device, new_tokens=512, prompt_len=16,
-                                      batch=args.gen_batch, modes=args.gen_modes):
-                emit(row)
+        gpu_benchmarks(args, device)
     else:
-        steps = args.steps or 10
-        if args.only in (None, "train"):
-            emit(bench_train("cpu-small", CPU_SMALL, device, 16, 1, False, warmup_steps=3,
-                             timed_steps=steps, profile=args.profile))
-        if args.only in (None, "generate"):
-            for row in bench_generate("cpu-generate", CPU_GENERATE, device, new_tokens=256,
-                                      prompt_len=16, batch=args.gen_batch, modes=["none", "kv"]):
-                emit(row)
+        cpu_benchmarks(args, device)
 
 
 if __name__ == "__main__":
