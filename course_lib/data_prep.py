@@ -1,6 +1,6 @@
 """Preparing a text corpus for a language model: de-duplication and leakage-free splits (chapter 9).
 
-What :mod:`course_lib.tokenizers` and :mod:`course_lib.lm_data` do not already provide:
+What :mod:`course_lib.tokenizers` does not already provide (:mod:`course_lib.lm_data` builds on it):
 
 - :func:`shingles` / :func:`jaccard` — a text as the set of its word n-grams, and the overlap of
   two such sets. Two editions of one play share far more n-grams than two different plays.
@@ -12,8 +12,7 @@ What :mod:`course_lib.tokenizers` and :mod:`course_lib.lm_data` do not already p
   whose agreement estimates the Jaccard similarity, so millions of documents can be compared
   without ever intersecting their shingle sets.
 - :func:`grouped_split` — a train/validation split that keeps every group (a play, with all its
-  editions) on one side. :func:`course_lib.lm_data.split_by_work` is this rule applied to the
-  corpus (the tests check that both agree).
+  editions) on one side. :func:`course_lib.lm_data.split_by_work` applies it to the corpus.
 - :func:`contamination` — the share of a validation text's n-grams already seen in training:
   what a leaky split costs.
 - :func:`train_bpe`, :func:`bpe_encode`, :func:`bpe_decode` — the chapter's BPE exercises as

@@ -37,6 +37,7 @@ import torch
 
 from course_lib import data as corpus
 from course_lib import tokenizers
+from course_lib.data_prep import grouped_split
 from course_lib.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 CACHE_ENV = "COURSE_CACHE_DIR"
@@ -96,30 +97,15 @@ def split_by_work(val_fraction: float = 0.1, include_folio: bool = False, seed: 
     """Put whole plays into validation, in a seeded random order, until they hold at least
     ``val_fraction`` of the corpus's bytes; the rest is training.
 
-    With ``include_folio`` both editions of each play are used, and always on the same side.
+    This is :func:`course_lib.data_prep.grouped_split` with each work grouped by its play
+    (:func:`play_of`) and sized by its file's bytes. With ``include_folio`` both editions of each
+    play are used, and always on the same side.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     works = corpus.shakespeare_works(include_folio=include_folio)
-    size_of_play: dict[str, int] = {}
-    for work in works:
-        play = play_of(work.name)
-        size_of_play[play] = size_of_play.get(play, 0) + work.path.stat().st_size
-    plays = sorted(size_of_play)
-    order = np.random.default_rng(seed).permutation(len(plays))
-    total = sum(size_of_play.values())
-    val_plays: set[str] = set()
-    val_size = 0
-    for i in order:
-        if val_size >= val_fraction * total:
-            break
-        val_plays.add(plays[i])
-        val_size += size_of_play[plays[i]]
-    if len(val_plays) == len(plays):
-        raise ValueError(f"val_fraction {val_fraction} leaves no play for training")
-    train = tuple(w.name for w in works if play_of(w.name) not in val_plays)
-    val = tuple(w.name for w in works if play_of(w.name) in val_plays)
-    return WorkSplit(train=train, val=val)
+    plays = [play_of(work.name) for work in works]
+    sizes = [work.path.stat().st_size for work in works]
+    train, val = grouped_split(plays, sizes, val_fraction=val_fraction, seed=seed)
+    return WorkSplit(train=tuple(works[i].name for i in train), val=tuple(works[i].name for i in val))
 
 
 @cache

@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-from course_lib import data as corpus
 from course_lib import data_prep as dp
 from course_lib import lm_data
 
@@ -123,17 +122,6 @@ def test_grouped_split_seeds_differ_and_errors():
         dp.grouped_split(["a", "a"], [1, 1], 0.5)
     train, val = dp.grouped_split(["a", "b"], [1, 100], 0.99)
     assert train and val  # one group always stays in training
-
-
-def test_grouped_split_is_the_rule_of_lm_data_split_by_work():
-    works = corpus.shakespeare_works(include_folio=True)
-    groups = [lm_data.play_of(w.name) for w in works]
-    sizes = [w.path.stat().st_size for w in works]
-    for seed in (0, 1):
-        train, val = dp.grouped_split(groups, sizes, 0.1, seed=seed)
-        expected = lm_data.split_by_work(0.1, include_folio=True, seed=seed)
-        assert tuple(works[i].name for i in val) == expected.val
-        assert tuple(works[i].name for i in train) == expected.train
 
 
 def test_contamination():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +87,19 @@ def test_split_is_deterministic_by_seed():
     assert split_by_work(seed=0).fingerprint() != split_by_work(seed=1).fingerprint()
     with pytest.raises(ValueError, match="val_fraction"):
         split_by_work(val_fraction=1.0)
+    # grouped_split's rule: however large the fraction, one play stays in training.
+    assert split_by_work(val_fraction=0.999).train
+
+
+def test_split_is_the_one_the_shipped_model_was_trained_on():
+    """The shipped GPT was pretrained on split_by_work() (scripts/pretrain_gpt.py): a change to the
+    splitting rule would let chapters 10-13 validate it on plays it has seen."""
+    metrics = json.loads((Path(lm_data.__file__).parent / "checkpoints" / "shakespeare-gpt" /
+                          "metrics.json").read_text())
+    assert list(split_by_work().val) == metrics["val_works"]
+    # The fingerprints name the token caches: these are the default split and chapter 9's.
+    assert split_by_work().fingerprint() == "da6bff662b95aa9f"
+    assert split_by_work(0.1, include_folio=True, seed=0).fingerprint() == "e8fb43001f35ec55"
 
 
 # --- token files ---------------------------------------------------------------------------------
