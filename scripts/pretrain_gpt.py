@@ -34,11 +34,12 @@ import torch.distributed as dist
 
 from course_lib.device import describe_device, seed_everything
 from course_lib.gpt import GPT, GPTConfig
-from course_lib.lm_data import cache_dir, prepare_data
+from course_lib.lm_data import LMData, cache_dir, prepare_data
 from course_lib.lm_train import (
     PRETRAINED_NAME,
     PRETRAINED_ROOT,
     WEIGHTS_FILE,
+    DistributedContext,
     TrainConfig,
     Trainer,
     exact_loss,
@@ -110,24 +111,31 @@ def git_commit() -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
-    preset = PRESETS[args.preset]
+def start_processes(args: argparse.Namespace) -> tuple[DistributedContext | None, bool, torch.device]:
+    """``(distributed context or None, is this process 0, device)`` for this run."""
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = init_distributed(device_type=torch.device(args.device).type if args.device else None)
     is_main = distributed is None or distributed.is_main
     device = distributed.device if distributed else torch.device(
         args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed, is_main, device
 
-    # Process 0 builds the token cache; the others wait, then read it.
+
+def load_corpus(preset: dict, args: argparse.Namespace, distributed: DistributedContext | None,
+                is_main: bool) -> LMData:
+    """The corpus as token ids. Process 0 builds the token cache; the others wait, then read it."""
     if distributed and not is_main:
         dist.barrier()
     data = prepare_data(preset["tokenizer"], vocab_size=preset["vocab_size"],
                         include_folio=args.include_folio)
     if distributed and is_main:
         dist.barrier()
+    return data
 
+
+def train_config(preset: dict, args: argparse.Namespace) -> TrainConfig:
+    """The preset's training settings with the command line's overrides."""
     train_values = dict(preset["train"])
     for key, value in (("max_steps", args.steps), ("batch_size", args.batch_size),
                        ("grad_accum", args.grad_accum), ("lr", args.lr),
@@ -136,12 +144,17 @@ def main(argv: list[str] | None = None) -> dict | None:
             train_values[key] = value
     if args.lr is not None and "min_lr" in train_values:
         train_values["min_lr"] = args.lr / 10
-    train_config = TrainConfig(seed=args.seed, **train_values)
-    model_config = GPTConfig(vocab_size=data.tokenizer.vocab_size, **preset["model"])
+    return TrainConfig(seed=args.seed, **train_values)
 
+
+def build_trainer(preset: dict, args: argparse.Namespace, data: LMData, device: torch.device,
+                  distributed: DistributedContext | None, is_main: bool) -> Trainer:
+    """A new model and its trainer, resumed from ``--run-dir`` when asked."""
+    config = train_config(preset, args)
+    model_config = GPTConfig(vocab_size=data.tokenizer.vocab_size, **preset["model"])
     seed_everything(args.seed)
     model = GPT(model_config)
-    trainer = Trainer(model, data, train_config, device=device, distributed=distributed)
+    trainer = Trainer(model, data, config, device=device, distributed=distributed)
     if is_main:
         print(f"{describe_device(device)} x{trainer.world_size} | {data.describe()} | "
               f"{model.num_params():,} parameters | {trainer.tokens_per_step:,} tokens a step", flush=True)
@@ -149,36 +162,47 @@ def main(argv: list[str] | None = None) -> dict | None:
         trainer.load(args.run_dir)
         if is_main:
             print(f"resumed at step {trainer.step}", flush=True)
+    return trainer
 
-    best = {"val_loss": math.inf, "step": 0, "state": None}
 
-    def keep_best(trainer: Trainer, result: dict) -> None:
+class KeepBest:
+    """The trainer's evaluation callback: keeps the weights of the lowest validation loss, prints
+    each evaluation (process 0) and saves a resumable checkpoint to ``run_dir`` when given."""
+
+    def __init__(self, is_main: bool, run_dir: str | None) -> None:
+        self.is_main, self.run_dir = is_main, run_dir
+        self.best = {"val_loss": math.inf, "step": 0, "state": None}
+
+    def __call__(self, trainer: Trainer, result: dict) -> None:
+        best = self.best
         if result["val_loss"] < best["val_loss"]:
             best.update(val_loss=result["val_loss"], step=result["step"], train_loss=result["train_loss"],
                         state={k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()})
-        if is_main:
+        if self.is_main:
             print(f"step {result['step']:>6}  train {result['train_loss']:.4f}  "
                   f"val {result['val_loss']:.4f}  ({trainer._elapsed:.0f} s)", flush=True)
-        if args.run_dir:
-            trainer.save(args.run_dir)
+        if self.run_dir:
+            trainer.save(self.run_dir)
 
-    start = time.perf_counter()
-    history = trainer.fit(progress=not args.no_progress, callback=keep_best)
-    train_seconds = time.perf_counter() - start
-    if distributed:
-        dist.barrier()
-    if not is_main:
-        dist.destroy_process_group()
-        return None
+    def restore(self, trainer: Trainer) -> dict:
+        """Put the best weights back into the model (a resumed run that evaluated nothing keeps
+        its last weights, evaluated now); returns the best evaluation."""
+        best = self.best
+        if best["state"] is not None:
+            trainer.raw_model.load_state_dict(best["state"])
+        else:
+            best.update(val_loss=trainer.evaluate("val"), train_loss=trainer.evaluate("train"),
+                        step=trainer.step)
+        return best
 
-    if best["state"] is not None:  # a resumed run that evaluated nothing keeps its last weights
-        model.load_state_dict(best["state"])
-    else:
-        best.update(val_loss=trainer.evaluate("val"), train_loss=trainer.evaluate("train"), step=trainer.step)
+
+def run_metrics(args: argparse.Namespace, trainer: Trainer, data: LMData, device: torch.device,
+                history, best: dict, train_seconds: float) -> dict:
+    """``metrics.json``: how the model was made and how good it was at its best evaluation."""
+    model = trainer.raw_model
     steady = sorted(history.tokens_per_s[1:] or history.tokens_per_s)  # the first includes compiling
     tokens_per_s = steady[len(steady) // 2] if steady else float("nan")
-    out = Path(args.out or preset["out"] or cache_dir() / "models" / "shakespeare-char-cpu")
-    metrics = {
+    return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "preset": args.preset,
         "git_commit": git_commit(),
@@ -186,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "device": describe_device(device),
         "processes": trainer.world_size,
         "params": model.num_params(),
-        "model": model_config.to_dict(),
-        "train": train_config.to_dict(),
+        "model": model.config.to_dict(),
+        "train": trainer.config.to_dict(),
         "tokenizer": f"{type(data.tokenizer).__name__} ({data.tokenizer.vocab_size} tokens)",
         "train_tokens": len(data.train),
         "val_tokens": len(data.val),
@@ -203,9 +227,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         "curve": {"step": history.eval_step, "train_loss": history.train_loss,
                   "val_loss": history.val_loss, "elapsed_s": history.elapsed_s},
     }
-    export_model(model, data.tokenizer, out, metrics, dtype=DTYPES[preset["export_dtype"]])
+
+
+def export_and_measure(model: GPT, data: LMData, out: Path, metrics: dict, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """Export the model, then measure what was exported: the validation loss of the rounded
+    weights (fp32, every validation token) and a sample, written into ``metrics.json`` too.
+    Returns the size of the weights file in bytes."""
+    export_model(model, data.tokenizer, out, metrics, dtype=dtype)
     size = (out / WEIGHTS_FILE).stat().st_size
-    # The number to quote: the *exported* (rounded) weights, in fp32, on every validation token.
     exported, tokenizer, _ = load_model(out, device=device)
     metrics["val_loss"] = round(exact_loss(exported, data.val, batch_size=64), 4)
     metrics["val_perplexity"] = round(math.exp(metrics["val_loss"]), 3)
@@ -214,7 +244,31 @@ def main(argv: list[str] | None = None) -> dict | None:
     sample = exported.generate(prompt, 300, temperature=0.8, top_k=50,
                                generator=torch.Generator(device=device).manual_seed(0))
     metrics["sample"] = tokenizer.decode(sample[0].tolist())
-    export_model(model, data.tokenizer, out, metrics, dtype=DTYPES[preset["export_dtype"]])
+    export_model(model, data.tokenizer, out, metrics, dtype=dtype)
+    return size
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    distributed, is_main, device = start_processes(args)
+    data = load_corpus(preset, args, distributed, is_main)
+    trainer = build_trainer(preset, args, data, device, distributed, is_main)
+    keep_best = KeepBest(is_main, args.run_dir)
+
+    start = time.perf_counter()
+    history = trainer.fit(progress=not args.no_progress, callback=keep_best)
+    train_seconds = time.perf_counter() - start
+    if distributed:
+        dist.barrier()
+    if not is_main:
+        dist.destroy_process_group()
+        return None
+
+    best = keep_best.restore(trainer)
+    metrics = run_metrics(args, trainer, data, device, history, best, train_seconds)
+    out = Path(args.out or preset["out"] or cache_dir() / "models" / "shakespeare-char-cpu")
+    size = export_and_measure(trainer.raw_model, data, out, metrics, DTYPES[preset["export_dtype"]], device)
     print(f"\nexported to {out} ({size / 1e6:.1f} MB): validation loss {metrics['val_loss']} "
           f"(perplexity {metrics['val_perplexity']}) after {trainer.step} steps, "
           f"{train_seconds / 60:.1f} min, {metrics['tokens_per_s']:,} tokens/s\n\n{metrics['sample']}")
