@@ -27,10 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from course_lib.device import get_device
-from course_lib.training import History, accuracy, batches, evaluate
+from course_lib.training import History, accuracy, evaluate, train_epochs
 
 IntPair = int | tuple[int, int]
 
@@ -397,35 +395,21 @@ def train_classifier(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    device = torch.device(device) if device is not None else get_device()
-    model.to(device)
-    x, y = train
-    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    steps_per_epoch = (len(train[0]) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
                                                    total_steps=epochs * steps_per_epoch)
     history = History()
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="training", leave=False)
-    for _ in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator):
-            xb = random_shift(xb, max_shift, generator).to(device)
-            loss = F.cross_entropy(model(xb), yb.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            history.steps.append(loss.item())
-            total += history.steps[-1] * len(xb)
-            count += len(xb)
-            bar.update(1)
-        history.log(train_loss=total / count)
+    training = train_epochs(model, train, loss_fn=F.cross_entropy, optimizer=optimizer,
+                            epochs=epochs, batch_size=batch_size,
+                            augment=lambda images, generator: random_shift(images, max_shift, generator),
+                            scheduler=schedule, step_losses=history.steps, device=device,
+                            seed=seed, progress=progress)
+    for _, train_loss in training:
+        history.log(train_loss=train_loss)
         if val is not None:
-            scores = evaluate(model, *val, F.cross_entropy, {"acc": accuracy}, device=device)
+            scores = evaluate(model, *val, F.cross_entropy, {"acc": accuracy})
             history.log(val_loss=scores["loss"], val_acc=scores["acc"])
-    bar.close()
     return history
 
 

@@ -30,10 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from course_lib.device import get_device
-from course_lib.training import History, accuracy, batches, evaluate
+from course_lib.training import History, accuracy, evaluate, train_epochs
 
 # ---------------------------------------------------------------------------------------------
 # Dropout
@@ -419,38 +417,26 @@ def train_regularized(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor]
     cross-entropy of the epoch's mini-batches as the optimizer saw them (training mode, augmented,
     without the penalties).
     """
-    device = torch.device(device) if device is not None else get_device()
-    model.to(device)
-    x_train, y_train = train
     kinds = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if optimizer not in kinds:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(kinds)}")
     extra = {"momentum": 0.9} if optimizer == "sgd" else {}
     opt = kinds[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
-    generator = torch.Generator().manual_seed(seed)
+    penalties = []  # added to the loss the optimizer minimises, one after the other
+    if l1:
+        penalties.append(lambda m: l1 * l1_penalty(m))
+    if l2:
+        penalties.append(lambda m: l2 * l2_penalty(m))
     history = History()
     best_state = None
     metrics = {"accuracy": accuracy}
-    for epoch in tqdm(range(epochs), disable=not progress, desc="epochs", leave=False):
-        model.train()
-        total, count = 0.0, 0
-        for xb, yb in batches(x_train, y_train, batch_size, generator=generator):
-            if augment is not None:
-                xb = augment(xb, generator)
-            xb, yb = xb.to(device), yb.to(device)
-            loss = F.cross_entropy(model(xb), yb)
-            total += loss.item() * len(yb)
-            count += len(yb)
-            if l1:
-                loss = loss + l1 * l1_penalty(model)
-            if l2:
-                loss = loss + l2 * l2_penalty(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        history.log(train_batch_loss=total / max(count, 1))
+    training = train_epochs(model, train, loss_fn=F.cross_entropy, optimizer=opt, epochs=epochs,
+                            batch_size=batch_size, augment=augment, penalties=penalties,
+                            device=device, seed=seed, progress=progress)
+    for epoch, batch_loss in training:
+        history.log(train_batch_loss=batch_loss)
         for split, (x, y) in (("train", train), ("val", val)):
-            result = evaluate(model, x, y, F.cross_entropy, metrics, device=device)
+            result = evaluate(model, x, y, F.cross_entropy, metrics)
             history.log(**{f"{split}_{name}": value for name, value in result.items()})
         if early_stopping is not None:
             stop = early_stopping.step(history.last("val_loss"))

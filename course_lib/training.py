@@ -2,12 +2,15 @@
 
 It is what students write by hand in chapter 1, packaged so later chapters can focus on their
 topic: mini-batches, the device, a ``tqdm.auto`` progress bar and a :class:`History` to plot.
+:func:`train_epochs` is the loop itself, the only one of the early chapters: :func:`fit` here,
+``cnn.train_classifier`` and ``regularization.train_regularized`` only choose what it does per
+batch (augmentation, penalties, a learning-rate schedule) and what they measure between epochs.
 The language-model chapters use their own trainer with mixed precision and checkpoints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +81,71 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callab
     return result
 
 
+def train_epochs(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, epochs: int, batch_size: int = 64,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 penalties: Sequence[Callable[[nn.Module], torch.Tensor]] = (),
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 step_losses: list[float] | None = None, device: torch.device | str | None = None,
+                 seed: int = 0, progress: bool = True) -> Iterator[tuple[int, float]]:
+    """The training loop of the early chapters, one epoch at a time.
+
+    A generator: after each pass over ``train = (x, y)`` in shuffled mini-batches it yields
+    ``(epoch, mean_loss)``, the epoch's number (from 0) and the mean loss of its batches, so the
+    caller can evaluate and log between epochs, or stop early by leaving its ``for`` loop.
+    :func:`fit`, ``cnn.train_classifier`` and ``regularization.train_regularized`` are all
+    written with it. Nothing runs until the caller iterates.
+
+    Moves the model and each batch to ``device`` (default: :func:`get_device`) and shows one
+    progress bar over all steps with the latest loss. Per batch, in this order:
+
+    - ``augment(x_batch, generator)`` transforms the inputs, on the CPU, drawing its randomness
+      from the same seeded generator as the shuffling;
+    - each of ``penalties(model)`` is added to the loss that is minimised (weight penalties); the
+      recorded losses are ``loss_fn`` alone;
+    - after the optimizer's step, ``scheduler.step()`` sets the next learning rate, and the
+      step's loss is appended to ``step_losses`` (e.g. ``history.steps``) when given.
+    """
+    if epochs < 0:
+        raise ValueError("epochs must be >= 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else get_device()
+    model.to(device)
+    x, y = train
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="training", leave=False)
+    try:
+        for epoch in range(epochs):
+            model.train()  # the caller's evaluation between epochs may have left it in eval mode
+            total, count = 0.0, 0
+            for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator):
+                if augment is not None:
+                    xb = augment(xb, generator)
+                xb, yb = xb.to(device), yb.to(device)
+                data_loss = loss_fn(model(xb), yb)
+                loss = data_loss
+                for penalty in penalties:
+                    loss = loss + penalty(model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                value = data_loss.item()
+                if step_losses is not None:
+                    step_losses.append(value)
+                total += value * len(xb)
+                count += len(xb)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+            yield epoch, total / max(count, 1)
+    finally:
+        bar.close()  # also when the caller stops early
+
+
 def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         optimizer: torch.optim.Optimizer, epochs: int, batch_size: int = 64,
@@ -90,39 +158,18 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *,
     over all steps with the running loss, and records train (and validation) loss and ``metrics``
     after every epoch. Pass a previous ``history`` to continue a run.
     """
-    if epochs < 0:
-        raise ValueError("epochs must be >= 0")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else get_device()
-    model.to(device)
-    x, y = train
-    generator = torch.Generator().manual_seed(seed)
     history = history or History()
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="training", leave=False)
-    for _ in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator):
-            xb, yb = xb.to(device), yb.to(device)
-            loss = loss_fn(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            history.steps.append(value)
-            total += value * len(xb)
-            count += len(xb)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-        history.log(train_loss=total / max(count, 1))
+    x, y = train
+    training = train_epochs(model, train, loss_fn=loss_fn, optimizer=optimizer, epochs=epochs,
+                            batch_size=batch_size, step_losses=history.steps, device=device,
+                            seed=seed, progress=progress)
+    for _, train_loss in training:
+        history.log(train_loss=train_loss)
         if metrics:  # a full pass over the training set only when there are metrics to log
-            for name, value in evaluate(model, x, y, loss_fn, metrics, device=device).items():
+            for name, value in evaluate(model, x, y, loss_fn, metrics).items():
                 if name != "loss":
                     history.log(**{f"train_{name}": value})
         if val is not None:
-            for name, value in evaluate(model, *val, loss_fn, metrics, device=device).items():
+            for name, value in evaluate(model, *val, loss_fn, metrics).items():
                 history.log(**{f"val_{name}": value})
-    bar.close()
     return history

@@ -1,10 +1,10 @@
-"""course_lib.training: batches, evaluate, fit and History."""
+"""course_lib.training: batches, evaluate, train_epochs, fit and History."""
 
 import pytest
 import torch
 from torch import nn
 
-from course_lib.training import History, accuracy, batches, evaluate, fit
+from course_lib.training import History, accuracy, batches, evaluate, fit, train_epochs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -149,6 +149,68 @@ def test_fit_leaves_model_in_train_mode_and_on_device():
     _fit(model, epochs=1)
     assert model.training
     assert next(model.parameters()).device.type == "cpu"
+
+
+
+def _epochs(model, epochs, **kwargs):
+    x, y = _separable()
+    kwargs.setdefault("optimizer", torch.optim.SGD(model.parameters(), lr=0.1))
+    return train_epochs(model, (x, y), loss_fn=nn.functional.cross_entropy, epochs=epochs,
+                        batch_size=32, device="cpu", progress=False, **kwargs)
+
+
+def test_train_epochs_runs_only_while_the_caller_iterates():
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = []
+    training = _epochs(model, 5, step_losses=steps)
+    assert steps == [] and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    seen = []
+    for epoch, mean_loss in training:  # noqa: B007 (the last epoch's mean is checked below)
+        seen.append(epoch)
+        if epoch == 1:
+            break  # stopping early: the remaining epochs never run
+    assert seen == [0, 1]
+    assert len(steps) == 2 * 7
+    weights = torch.tensor([32.0] * 6 + [8.0])
+    assert mean_loss == pytest.approx((torch.tensor(steps[7:]) * weights).sum().item() / 200, rel=1e-5)
+
+
+def test_fit_is_train_epochs_plus_logging():
+    steps = []
+    for _ in _epochs(_model(), 2, step_losses=steps, seed=3):
+        pass
+    assert _fit(_model(), epochs=2, seed=3).steps == steps
+
+
+def test_penalties_change_the_update_but_not_the_recorded_loss():
+    def run(**kwargs):
+        model, steps = _model(), []
+        for _ in _epochs(model, 1, step_losses=steps, **kwargs):
+            pass
+        return model.weight.detach(), steps
+
+    plain_weight, plain_steps = run()
+    penalised_weight, penalised_steps = run(penalties=[lambda m: (m.weight ** 2).sum()])
+    assert penalised_steps[0] == plain_steps[0]  # same start, same first batch, loss_fn alone
+    assert penalised_weight.norm() < 0.8 * plain_weight.norm()  # measured: 0.51 of the norm
+
+
+def test_augment_and_scheduler_run_once_per_batch():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    generators = []
+
+    def augment(xb, generator):
+        generators.append(generator)
+        return xb
+
+    for _ in _epochs(model, 2, optimizer=optimizer, augment=augment, scheduler=scheduler):
+        pass
+    assert len(generators) == 2 * 7 and all(g is generators[0] for g in generators)
+    assert isinstance(generators[0], torch.Generator)  # the seeded one that also shuffles
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 14)
 
 
 @pytest.mark.parametrize("n, batch_size", [(10, 3), (9, 3), (5, 10), (1, 1)])
