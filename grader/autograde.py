@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from grader import GraderError, database, ingest, nbgrader_main, preprocessors, probes, sandbox, trusted
 from grader.flags import clean_submission, submission_flags, trust_flags
-from grader.workspace import Record, Workspace
+from grader.workspace import ChapterStatus, Record, Status, Workspace
 
 # nbgrader processes running now (their pids), so that an interrupted batch can kill them all.
 _RUNNING: set[int] = set()
@@ -151,7 +151,7 @@ class Settings:
 
 @dataclass
 class Outcome:
-    status: str
+    status: Status
     message: str
     seconds: float
     flags: list[str] = field(default_factory=list)
@@ -216,7 +216,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
         # the notebook runs (step 3 gets the answers once the notebook is graded).
         runner, plan = _start_trusted_checks(settings, slot, work)
         outcome = _run_notebook(ws, chapter, student, settings, slot, work, log_path)
-        if outcome.status == "graded":
+        if outcome.status == Status.GRADED:
             inputs = probes.make_inputs(settings.checks, seed)
             submitted = nbformat.read(ws.submitted(student, chapter), as_version=4)
             result = runner.finish(trusted.answer_cells(submitted, settings.release), inputs,
@@ -229,7 +229,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
         settings.slots.put(slot)
     outcome.seed = seed
     graded = ws.autograded(student, chapter)
-    if outcome.status != "graded":
+    if outcome.status != Status.GRADED:
         outcome.seconds = time.monotonic() - start
         return outcome
     interrupted = _interrupted_cells(graded)
@@ -322,7 +322,7 @@ def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: f
             code = _run_nbgrader(ws, chapter, student, max(deadline, 1.0), attempt_env, log_path)
         seconds = time.monotonic() - start
         if code is None:
-            return Outcome("timeout", f"the notebook ran longer than the {notebook_timeout:g} s limit "
+            return Outcome(Status.TIMEOUT, f"the notebook ran longer than the {notebook_timeout:g} s limit "
                            "for a whole notebook; nothing was graded", seconds,
                            flags=[f"timeout: whole notebook over {notebook_timeout:g} s"])
         graded = ws.autograded(student, chapter)
@@ -344,17 +344,18 @@ def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: f
             if died and attempt == 1:
                 continue
             if died:
-                return Outcome("error", f"{died} while the notebook ran, on two runs ({why}); nothing was "
-                               f"graded (log: {log_path})", seconds,
+                return Outcome(Status.ERROR, f"{died} while the notebook ran, on two runs ({why}); "
+                               f"nothing was graded (log: {log_path})", seconds,
                                flags=[f"kernel death: {died}, on two runs"])
             lines = [ln for ln in text.splitlines() if "ERROR" in ln or "Error" in ln]
             detail = (lines or text.strip().splitlines() or ["no output"])[-1].strip()[:300]
-            return Outcome("error", f"nbgrader failed (exit {code}): {detail} (log: {log_path})", seconds)
+            return Outcome(Status.ERROR, f"nbgrader failed (exit {code}): {detail} (log: {log_path})",
+                           seconds)
         interrupted = _interrupted_cells(graded)
         if not interrupted:
-            return Outcome("graded", "" if attempt == 1 else "graded on a second run", seconds)
+            return Outcome(Status.GRADED, "" if attempt == 1 else "graded on a second run", seconds)
     kinds = ", ".join(sorted(set(interrupted)))
-    return Outcome("graded", f"cells did not finish ({kinds}: per-cell time limit or kernel death) on "
+    return Outcome(Status.GRADED, f"cells did not finish ({kinds}: per-cell time limit or kernel death) on "
                    "two runs; those cells scored 0", seconds)
 
 
@@ -373,13 +374,40 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
     with ingest.opened(submissions_path) as folder:
         submissions, rejected = ingest.collect(folder, chapter, id_pattern)
     if use_sandbox:
-        try:
-            sandbox.check_available()
-        except sandbox.SandboxUnavailable as error:
-            raise GraderError(
-                f"No grading sandbox can start here: {error}. Official grades need the sandbox "
-                "(without it student code runs as you, next to the hidden tests and the gradebook). "
-                "To grade anyway, pass --unsafe-no-sandbox; every submission is then flagged.") from None
+        _require_sandbox()
+    checks, release, forbidden = _prepare_chapter(ws, chapter, cell_timeout)
+    status = ws.load_status(chapter)
+    status.rejected = [Record(student="", status=Status.REJECTED, message=m) for m in rejected]
+    todo, flags = _plan_batch(ws, chapter, submissions, status, release, forbidden, force=force,
+                              use_sandbox=use_sandbox)
+    ws.save_status(status)
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    withheld = trusted.withheld_course_lib(ws.path / "trusted" / chapter,
+                                           [t for targets in forbidden.values() for t in targets])
+    settings = Settings(notebook_timeout, _kernel_env(quick, threads), use_sandbox,
+                        _batch_limits(limits, notebook_timeout, threads), checks, release, forbidden,
+                        withheld, cell_timeout=cell_timeout)
+    for slot in sandbox.reserve_slots(jobs) if use_sandbox else range(jobs):
+        settings.slots.put(slot)
+    _grade_pending(ws, chapter, todo, flags, status, settings, jobs=jobs, progress=progress)
+    return status.records, todo
+
+
+def _require_sandbox() -> None:
+    try:
+        sandbox.check_available()
+    except sandbox.SandboxUnavailable as error:
+        raise GraderError(
+            f"No grading sandbox can start here: {error}. Official grades need the sandbox "
+            "(without it student code runs as you, next to the hidden tests and the gradebook). "
+            "To grade anyway, pass --unsafe-no-sandbox; every submission is then flagged.") from None
+
+
+def _prepare_chapter(ws: Workspace, chapter: str, cell_timeout: int
+                     ) -> tuple[list[probes.Probe], nbformat.NotebookNode, dict[str, list[str]]]:
+    """Set the workspace up for ``chapter``; its trusted checks, release notebook, and what each
+    test cell forbids."""
     ws.prepare(chapter, cell_timeout=cell_timeout)
     if not ws.probes(chapter).exists():
         raise GraderError(f"{chapter} has no trusted checks (solutions/{chapter}/probes.py): every "
@@ -387,24 +415,34 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
     checks = probes.load_probes(ws.probes(chapter))
     forbidden = trusted.chapter_forbidden(nbformat.read(ws.path / "source" / chapter / f"{chapter}.ipynb",
                                                         as_version=4))
-    reference_modules = trusted.reference_modules([t for ts in forbidden.values() for t in ts])
     sandbox.write_kernelspec(ws.path / "jupyter")
     release = nbformat.read(ws.release_notebook(chapter), as_version=4)
-    status = ws.load_status(chapter)
-    status.rejected = [Record(student="", status="rejected", message=m) for m in rejected]
+    return checks, release, forbidden
 
+
+def _plan_batch(ws: Workspace, chapter: str, submissions: list[ingest.Submission],
+                status: ChapterStatus, release: nbformat.NotebookNode,
+                forbidden: dict[str, list[str]], *, force: bool,
+                use_sandbox: bool) -> tuple[list[str], dict[str, list[str]]]:
+    """The students to grade now, and the flags of each read before any of its code runs (step 1).
+
+    Their notebooks are copied into the workspace and their records set to pending; an unusable
+    submission is recorded as an error, and one unchanged since it was graded is left alone
+    (unless ``force``).
+    """
+    reference_modules = trusted.reference_modules([t for ts in forbidden.values() for t in ts])
     todo, flags = [], {}
     for sub in submissions:
-        old = status.records.get(sub.student)
         if sub.problem:
-            status.records[sub.student] = Record(sub.student, "error", sub.problem, sub.source,
+            status.records[sub.student] = Record(sub.student, Status.ERROR, sub.problem, sub.source,
                                                  sub.sha256)
             continue
-        target = ws.submitted(sub.student, chapter)
-        unchanged = (old is not None and old.sha256 == sub.sha256 and old.status == "graded"
+        old = status.records.get(sub.student)
+        unchanged = (old is not None and old.sha256 == sub.sha256 and old.status == Status.GRADED
                      and ws.autograded(sub.student, chapter).exists())
         if unchanged and not force:
             continue
+        target = ws.submitted(sub.student, chapter)
         target.parent.mkdir(parents=True, exist_ok=True)
         notebook, cleaned = clean_submission(sub.notebook, release)  # malformed graded cells out
         nbformat.write(notebook, str(target))
@@ -412,22 +450,28 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
                               + trust_flags(sub.notebook, release, reference_modules))
         if not use_sandbox:
             flags[sub.student].insert(0, "unsafe: graded without a sandbox (--unsafe-no-sandbox)")
-        status.records[sub.student] = Record(sub.student, "pending", "", sub.source, sub.sha256)
+        status.records[sub.student] = Record(sub.student, Status.PENDING, "", sub.source, sub.sha256)
         todo.append(sub.student)
-    ws.save_status(status)
+    return todo, flags
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {"COURSE_QUICK": "1" if quick else "0", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), "MPLBACKEND": "Agg"}
+
+def _kernel_env(quick: bool, threads: int) -> dict[str, str]:
+    """The environment a student's notebook runs in: its mode and its share of the CPUs."""
+    return {"COURSE_QUICK": "1" if quick else "0", "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads), "MPLBACKEND": "Agg"}
+
+
+def _batch_limits(limits: sandbox.Limits | None, notebook_timeout: float, threads: int) -> sandbox.Limits:
+    """``limits`` (default: sandbox.Limits()) with CPU time for a whole notebook on ``threads``."""
     limits = limits or sandbox.Limits()
-    limits = sandbox.Limits(**{**limits.__dict__,
-                               "cpu_seconds": int(notebook_timeout * threads * 2 + 60)})
-    withheld = trusted.withheld_course_lib(ws.path / "trusted" / chapter,
-                                           [t for targets in forbidden.values() for t in targets])
-    settings = Settings(notebook_timeout, env, use_sandbox, limits, checks, release, forbidden, withheld,
-                        cell_timeout=cell_timeout)
-    for slot in sandbox.reserve_slots(jobs) if use_sandbox else range(jobs):
-        settings.slots.put(slot)
+    return sandbox.Limits(**{**limits.__dict__,
+                             "cpu_seconds": int(notebook_timeout * threads * 2 + 60)})
+
+
+def _grade_pending(ws: Workspace, chapter: str, todo: list[str], flags: dict[str, list[str]],
+                   status: ChapterStatus, settings: Settings, *, jobs: int, progress: bool) -> None:
+    """Grade the students in ``todo``, ``jobs`` at a time, saving the status file after each so
+    that an interrupted batch (Ctrl-C, SIGTERM) keeps what was finished."""
     bar = tqdm(total=len(todo), desc=f"grading {chapter}", disable=not progress, unit="nb")
 
     def run(student: str) -> tuple[str, Outcome]:
@@ -439,11 +483,7 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for student, outcome in pool.map(run, todo):
-            record = status.records[student]
-            record.status, record.message = outcome.status, outcome.message
-            record.seconds = round(outcome.seconds, 2)
-            record.flags = flags.get(student, []) + outcome.flags
-            record.checks, record.seed = outcome.checks, outcome.seed
+            _record_outcome(status.records[student], outcome, flags.get(student, []))
             ws.save_status(status)  # after every student, so an interrupted batch resumes
             bar.update(1)
     except KeyboardInterrupt:
@@ -456,7 +496,14 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
         bar.close()
-    return status.records, todo
+
+
+def _record_outcome(record: Record, outcome: Outcome, flags: list[str]) -> None:
+    """Write one student's grading into its record; ``flags`` are those read before it ran."""
+    record.status, record.message = outcome.status, outcome.message
+    record.seconds = round(outcome.seconds, 2)
+    record.flags = flags + outcome.flags
+    record.checks, record.seed = outcome.checks, outcome.seed
 
 
 def _raise_interrupt(signum, frame):

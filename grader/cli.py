@@ -6,10 +6,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grader import GraderError, database
 from grader.course import ensure_scripts_on_path, find_root, list_chapters, resolve_chapter
 from grader.ingest import DEFAULT_ID_PATTERN
+
+if TYPE_CHECKING:  # imported where used: `release` needs none of the grading machinery
+    from grader.workspace import Record, Workspace
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,68 +96,89 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     root = find_root(args.root)
     if args.command == "release":
-        from grader import release
-
-        chapters = ([resolve_chapter(root, c) for c in args.chapter] if args.chapter
-                    else list_chapters(root))
-        if not chapters:
-            raise GraderError(f"no chapters with a source notebook under {root / 'solutions'}")
-        if args.check:
-            problems = release.check(root, chapters)
-            for problem in problems:
-                print(problem)
-            if problems:
-                print(f"chapters/ is out of sync with solutions/ ({len(problems)} problem(s)); "
-                      "run `python -m grader release` and commit the result", file=sys.stderr)
-                return 1
-            print(f"chapters/ is in sync with solutions/ ({len(chapters)} chapter(s))")
-            return 0
-        written = release.release(root, chapters)
-        print(f"wrote {len(written)} file(s) for {len(chapters)} chapter(s)")
-        return 0
+        return _release(root, args)
 
     from grader.workspace import Workspace
 
     chapter = resolve_chapter(root, args.chapter)
     ws = Workspace(args.workspace, root, db_url=args.db_url)
     if args.command == "autograde":
-        from grader.autograde import autograde
-        from grader.sandbox import Limits
+        return _autograde(ws, chapter, args)
+    return _report(ws, chapter, args)
 
-        if args.jobs is not None and args.jobs < 1:
-            raise GraderError("--jobs must be at least 1")
-        if args.memory_limit <= 0:
-            raise GraderError("--memory-limit must be a positive number of GiB")
-        records, graded_now = autograde(ws, chapter, args.submissions, jobs=args.jobs,
-                            cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
-                            quick=not args.full, force=args.force, id_pattern=args.id_pattern,
-                            progress=sys.stderr.isatty() or bool(os.environ.get("COURSE_PROGRESS")),
-                            use_sandbox=not args.unsafe_no_sandbox,
-                            limits=Limits(memory_bytes=int(args.memory_limit * 2**30),
-                                          address_space_bytes=int(args.memory_limit * 2**30)))
-        counts: dict[str, int] = {}
-        for record in records.values():
-            counts[record.status] = counts.get(record.status, 0) + 1
-        print(f"{chapter}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-              + f" ({len(graded_now)} graded in this run; unchanged submissions are not graded again)")
-        for record in sorted(records.values(), key=lambda r: r.student):
-            if record.status != "graded" or record.message:
-                print(f"  {record.student}: {record.status}: {record.message}")
-            for flag in record.flags:
-                print(f"  {record.student}: flag: {flag}")
-        status = ws.load_status(chapter)
-        for rejected in status.rejected:
-            print(f"  skipped: {rejected.message}")
-        print(f"next: python -m grader report --chapter {chapter} --workspace {ws.path}")
-        bad = sum(1 for r in records.values() if r.status != "graded")
-        return 1 if bad or status.rejected else 0
 
-    from grader.report import collect_rows, write_report
+def _release(root: Path, args: argparse.Namespace) -> int:
+    from grader import release
+
+    chapters = ([resolve_chapter(root, c) for c in args.chapter] if args.chapter
+                else list_chapters(root))
+    if not chapters:
+        raise GraderError(f"no chapters with a source notebook under {root / 'solutions'}")
+    if args.check:
+        problems = release.check(root, chapters)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print(f"chapters/ is out of sync with solutions/ ({len(problems)} problem(s)); "
+                  "run `python -m grader release` and commit the result", file=sys.stderr)
+            return 1
+        print(f"chapters/ is in sync with solutions/ ({len(chapters)} chapter(s))")
+        return 0
+    written = release.release(root, chapters)
+    print(f"wrote {len(written)} file(s) for {len(chapters)} chapter(s)")
+    return 0
+
+
+def _autograde(ws: Workspace, chapter: str, args: argparse.Namespace) -> int:
+    from grader.autograde import autograde
+    from grader.sandbox import Limits
+    from grader.workspace import Status
+
+    if args.jobs is not None and args.jobs < 1:
+        raise GraderError("--jobs must be at least 1")
+    if args.memory_limit <= 0:
+        raise GraderError("--memory-limit must be a positive number of GiB")
+    records, graded_now = autograde(ws, chapter, args.submissions, jobs=args.jobs,
+                        cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
+                        quick=not args.full, force=args.force, id_pattern=args.id_pattern,
+                        progress=sys.stderr.isatty() or bool(os.environ.get("COURSE_PROGRESS")),
+                        use_sandbox=not args.unsafe_no_sandbox,
+                        limits=Limits(memory_bytes=int(args.memory_limit * 2**30),
+                                      address_space_bytes=int(args.memory_limit * 2**30)))
+    rejected = ws.load_status(chapter).rejected
+    _print_batch(ws, chapter, records, graded_now, rejected)
+    # Exit 1 when anything needs the instructor's attention.
+    bad = sum(1 for r in records.values() if r.status != Status.GRADED)
+    return 1 if bad or rejected else 0
+
+
+def _print_batch(ws: Workspace, chapter: str, records: dict[str, Record], graded_now: list[str],
+                 rejected: list[Record]) -> None:
+    """Counts per status, then each submission that was not simply graded, each flag, and each
+    entry skipped in the submissions."""
+    from grader.workspace import Status
+
+    counts: dict[Status, int] = {}
+    for record in records.values():
+        counts[record.status] = counts.get(record.status, 0) + 1
+    print(f"{chapter}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+          + f" ({len(graded_now)} graded in this run; unchanged submissions are not graded again)")
+    for record in sorted(records.values(), key=lambda r: r.student):
+        if record.status != Status.GRADED or record.message:
+            print(f"  {record.student}: {record.status}: {record.message}")
+        for flag in record.flags:
+            print(f"  {record.student}: flag: {flag}")
+    for entry in rejected:
+        print(f"  skipped: {entry.message}")
+    print(f"next: python -m grader report --chapter {chapter} --workspace {ws.path}")
+
+
+def _report(ws: Workspace, chapter: str, args: argparse.Namespace) -> int:
+    from grader.report import write_report
+    from grader.similarity import Thresholds
 
     if database.is_postgres(ws.db_url):  # a clear message for a wrong URL or password
         database.check_database(ws.db_url)
-    from grader.similarity import Thresholds
-
     try:
         similarity = None if args.no_similarity else Thresholds(
             students=args.similarity_threshold / 100, course_lib=args.course_lib_threshold / 100,
@@ -162,7 +187,6 @@ def _run(args: argparse.Namespace) -> int:
         raise GraderError("--similarity-threshold and --course-lib-threshold must be percentages in "
                           "(0, 100], --similarity-min-overlap at least 0") from None
     out = write_report(ws, chapter, feedback=not args.no_feedback, similarity=similarity)
-    rows, _ = collect_rows(ws, chapter)
     print((out / "summary.md").read_text())
     print(f"wrote {out / 'grades.csv'}, {out / 'summary.md'}, {out / 'pass_rates.png'}"
           + ("" if args.no_feedback else f", {out / 'feedback'}/")

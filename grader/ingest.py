@@ -86,6 +86,8 @@ def opened(source: Path) -> Iterator[Path]:
 
 
 def _extract(archive: Path, dest: Path) -> None:
+    """Unpack the notebooks of ``archive`` into ``dest``; the entries refused (and why) go to
+    ``dest/.n2l-rejected.json`` for :func:`find`."""
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -95,16 +97,13 @@ def _extract(archive: Path, dest: Path) -> None:
                                   f"(limit {MAX_ARCHIVE_BYTES / 1e9:.0f} GB): refusing a possible zip bomb.")
             rejected = []
             for info in infos:
-                name = info.filename
-                parts = PurePosixPath(name.replace("\\", "/")).parts
-                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                 if info.is_dir():
                     continue
-                if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
-                    rejected.append(f"{name}: unsafe path (absolute or with '..'), skipped")
-                    continue
-                if is_link:
-                    rejected.append(f"{name}: symbolic link, skipped")
+                name = info.filename
+                parts = PurePosixPath(name.replace("\\", "/")).parts
+                unsafe = _unsafe_entry(info, parts)
+                if unsafe:
+                    rejected.append(f"{name}: {unsafe}, skipped")
                     continue
                 if not name.endswith(".ipynb") or SKIP_PARTS & set(parts):
                     continue
@@ -112,19 +111,33 @@ def _extract(archive: Path, dest: Path) -> None:
                     rejected.append(f"{name}: {info.file_size / 1e6:.0f} MB notebook, over the "
                                     f"{MAX_NOTEBOOK_BYTES // 2**20} MB limit, skipped")
                     continue
-                target = dest.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    remaining = MAX_NOTEBOOK_BYTES + 1
-                    while chunk := src.read(1 << 20):
-                        remaining -= len(chunk)
-                        if remaining < 0:  # the header lied about the size
-                            raise GraderError(f"{name} in {archive} is larger than it claims; "
-                                              "refusing a possible zip bomb.")
-                        out.write(chunk)
+                _copy_notebook(zf, info, dest.joinpath(*parts), archive)
             (dest / ".n2l-rejected.json").write_text(json.dumps(rejected))
     except zipfile.BadZipFile as error:
         raise GraderError(f"{archive} is a corrupt zip archive ({error}). Download it again.") from None
+
+
+def _unsafe_entry(info: zipfile.ZipInfo, parts: tuple[str, ...]) -> str:
+    """Why an archive entry must not be written at all ("" when it may)."""
+    name = info.filename
+    if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+        return "unsafe path (absolute or with '..')"
+    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+        return "symbolic link"
+    return ""
+
+
+def _copy_notebook(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, archive: Path) -> None:
+    """Extract one entry, stopping past MAX_NOTEBOOK_BYTES whatever its header claims."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as src, open(target, "wb") as out:
+        remaining = MAX_NOTEBOOK_BYTES + 1
+        while chunk := src.read(1 << 20):
+            remaining -= len(chunk)
+            if remaining < 0:  # the header lied about the size
+                raise GraderError(f"{info.filename} in {archive} is larger than it claims; "
+                                  "refusing a possible zip bomb.")
+            out.write(chunk)
 
 
 def find(folder: Path, id_pattern: str = DEFAULT_ID_PATTERN) -> tuple[list[Candidate], list[str]]:

@@ -16,34 +16,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grader import GraderError
+from grader.course import nbgrader_meta
 from grader.similarity import DEFAULT_THRESHOLDS, Thresholds, similarity_flags
-from grader.workspace import Workspace
+from grader.workspace import Record, Status, Workspace
+
+# A row's status beyond the records' (grader/workspace.py Status): graded, but a cell has no score.
+NEEDS_MANUAL_GRADE = "needs manual grade"
 
 
 @dataclass
 class Row:
     student: str
-    status: str
+    status: Status | str  # a record's Status, or NEEDS_MANUAL_GRADE
     message: str
     cells: dict[str, float | None] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
 
     @property
     def score(self) -> float | None:
-        if self.status != "graded" or any(v is None for v in self.cells.values()):
+        if self.status != Status.GRADED or any(v is None for v in self.cells.values()):
             return None
         return sum(self.cells.values())
 
 
 def test_cells(ws: Workspace, chapter: str) -> list[tuple[str, float]]:
-    """``(grade_id, points)`` of each autograded test cell, in notebook order."""
+    """``(grade_id, points)`` of each graded cell, in notebook order."""
     path = ws.path / "source" / chapter / f"{chapter}.ipynb"
     if not path.exists():
         raise GraderError(f"The workspace {ws.path} has not graded {chapter} yet: run autograde first.")
     cells = json.loads(path.read_text())["cells"]
     out = []
     for cell in cells:
-        meta = cell.get("metadata", {}).get("nbgrader", {})
+        # Every cell nbgrader keeps a grade for, not only the "test" role of grader/course.py:
+        # a manually graded cell (solution and grade, or markdown) is listed too, so that a
+        # missing manual score leaves the total empty instead of silently 0.
+        meta = nbgrader_meta(cell)
         if meta.get("grade"):
             out.append((meta["grade_id"], float(meta.get("points", 0))))
     return out
@@ -58,11 +65,12 @@ def collect_rows(ws: Workspace, chapter: str) -> tuple[list[Row], list[tuple[str
     with Gradebook(ws.db_url) as gb:
         for student, record in sorted(status.records.items()):
             row = Row(student, record.status, record.message, flags=list(record.flags))
-            if record.status == "graded":
+            if record.status == Status.GRADED:
                 try:
                     nb = gb.find_submission_notebook(chapter, chapter, student)
                 except MissingEntry:
-                    row.status, row.message = "error", "graded but missing from the gradebook; grade again"
+                    row.status = Status.ERROR
+                    row.message = "graded but missing from the gradebook; grade again"
                     rows.append(row)
                     continue
                 grades = {g.name: g for g in nb.grades}
@@ -75,7 +83,7 @@ def collect_rows(ws: Workspace, chapter: str) -> tuple[list[Row], list[tuple[str
                     else:
                         row.cells[name] = float(grade.score)
                 if manual:
-                    row.status = "needs manual grade"
+                    row.status = NEEDS_MANUAL_GRADE
                     row.message = "; ".join(filter(None, [row.message, "not graded: " + ", ".join(manual)]))
             rows.append(row)
     return rows, cells
@@ -111,9 +119,20 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
                                  similarity)
         for row in rows:
             row.flags += found.flags.get(row.student, [])
-    max_score = sum(p for _, p in cells)
+    _write_grades_csv(out / "grades.csv", rows, cells)
+    graded = [r for r in rows if r.status == Status.GRADED]
+    rates = _pass_rates(graded, cells)
+    summary = _summary(chapter, rows, cells, rates, ws.load_status(chapter).rejected)
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    _plot(rates, chapter, out / "pass_rates.png")
+    if feedback and graded:
+        _feedback(ws, chapter, [r.student for r in graded], out / "feedback")
+    return out
 
-    with open(out / "grades.csv", "w", newline="") as fh:
+
+def _write_grades_csv(path: Path, rows: list[Row], cells: list[tuple[str, float]]) -> None:
+    max_score = sum(p for _, p in cells)
+    with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["student", "status", "score", "max_score", *[n for n, _ in cells], "flags",
                          "message"])
@@ -122,9 +141,18 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
                              _fmt(max_score), *[_fmt(row.cells.get(n)) for n, _ in cells],
                              _csv_text(" | ".join(row.flags)), _csv_text(row.message)])
 
-    graded = [r for r in rows if r.status == "graded"]
-    rates = {name: (sum(1 for r in graded if r.cells.get(name) == points) / len(graded)
-                    if graded else None) for name, points in cells}
+
+def _pass_rates(graded: list[Row], cells: list[tuple[str, float]]) -> dict[str, float | None]:
+    """The fraction of graded submissions with full points, per cell (None when none is graded)."""
+    return {name: (sum(1 for r in graded if r.cells.get(name) == points) / len(graded)
+                   if graded else None) for name, points in cells}
+
+
+def _summary(chapter: str, rows: list[Row], cells: list[tuple[str, float]],
+             rates: dict[str, float | None], rejected: list[Record]) -> list[str]:
+    """The lines of summary.md: scores, pass rates, what was not graded, flags, skipped entries."""
+    max_score = sum(p for _, p in cells)
+    graded = [r for r in rows if r.status == Status.GRADED]
     lines = [f"# {chapter}: {len(rows)} submissions, {len(graded)} graded", ""]
     scores = [r.score for r in graded]
     if scores:
@@ -135,7 +163,7 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
     for name, points in cells:
         rate = rates[name]
         lines.append(f"| {name} | {points:g} | {'-' if rate is None else f'{100 * rate:.0f}%'} |")
-    problems = [r for r in rows if r.status != "graded"]
+    problems = [r for r in rows if r.status != Status.GRADED]
     if problems:
         lines += ["", "## Not graded automatically", ""]
         lines += [f"- {_md(r.student)}: {_md(r.status)} — {_md(r.message)}" for r in problems]
@@ -145,16 +173,10 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
         for row in flagged:
             lines.append(f"- {_md(row.student)}:")
             lines += [f"  - {_md(flag)}" for flag in row.flags]
-    status = ws.load_status(chapter)
-    if status.rejected:
+    if rejected:
         lines += ["", "## Entries skipped in the submissions", ""]
-        lines += [f"- {_md(r.message)}" for r in status.rejected]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    _plot(rates, chapter, out / "pass_rates.png")
-
-    if feedback and graded:
-        _feedback(ws, chapter, [r.student for r in graded], out / "feedback")
-    return out
+        lines += [f"- {_md(r.message)}" for r in rejected]
+    return lines
 
 
 def _plot(rates: dict[str, float | None], chapter: str, path: Path) -> None:

@@ -173,29 +173,11 @@ class _NoCgroup(Exception):
 
 def _memory_controller() -> tuple[int, Path]:
     """(cgroup version, folder to make the sandbox's cgroup in) of the memory controller."""
-    mounts = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(fields) >= 5 and len(tail) >= 3 and tail[0] in {"cgroup", "cgroup2"}:
-                mounts.append((tail[0], fields[3], Path(fields[4]), tail[2].split(",")))
-    own = {}
-    with open("/proc/self/cgroup") as fh:
-        for line in fh:
-            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
-            own["v2" if hierarchy == "0" else controllers] = path
-
-    def below(root: str, mountpoint: Path, path: str | None) -> Path:
-        # Our own cgroup as a folder of this mount (its root is "/" unless it is a container's).
-        if path is not None and (root == "/" or path == root or path.startswith(root + "/")):
-            return mountpoint / path[len(root.rstrip("/")):].lstrip("/")
-        return mountpoint
-
+    mounts, own = _cgroup_mounts(), _own_cgroups()
     for kind, root, mountpoint, options in mounts:
         if kind == "cgroup" and "memory" in options:
             path = next((p for c, p in own.items() if "memory" in c.split(",")), None)
-            folder = below(root, mountpoint, path)
+            folder = _own_folder(root, mountpoint, path)
             return 1, folder if folder.is_dir() else mountpoint
     for kind, root, mountpoint, _ in mounts:
         try:
@@ -203,21 +185,53 @@ def _memory_controller() -> tuple[int, Path]:
         except OSError:
             continue
         if kind == "cgroup2" and "memory" in available:
-            # A cgroup with processes cannot give controllers to its children: make the sandbox's
-            # beside ours, in the nearest ancestor that hands the memory controller down.
-            folder = below(root, mountpoint, own.get("v2"))
-            while True:
-                try:
-                    if "memory" in (folder / "cgroup.subtree_control").read_text().split():
-                        return 2, folder
-                except OSError:
-                    pass
-                if folder == mountpoint:
-                    break
-                folder = folder.parent
-            raise _NoCgroup(f"no cgroup above {below(root, mountpoint, own.get('v2'))} enables the "
-                            "memory controller for its children")
+            return 2, _memory_delegating_ancestor(_own_folder(root, mountpoint, own.get("v2")), mountpoint)
     raise _NoCgroup("no memory cgroup controller is mounted")
+
+
+def _cgroup_mounts() -> list[tuple[str, str, Path, list[str]]]:
+    """``(kind, root, mountpoint, super options)`` of each cgroup (v1) and cgroup2 mount."""
+    mounts = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) >= 5 and len(tail) >= 3 and tail[0] in {"cgroup", "cgroup2"}:
+                mounts.append((tail[0], fields[3], Path(fields[4]), tail[2].split(",")))
+    return mounts
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 hierarchy (by its controllers, e.g. "memory") and "v2"."""
+    own = {}
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+            own["v2" if hierarchy == "0" else controllers] = path
+    return own
+
+
+def _own_folder(root: str, mountpoint: Path, path: str | None) -> Path:
+    """Our own cgroup as a folder of this mount (its root is "/" unless it is a container's)."""
+    if path is not None and (root == "/" or path == root or path.startswith(root + "/")):
+        return mountpoint / path[len(root.rstrip("/")):].lstrip("/")
+    return mountpoint
+
+
+def _memory_delegating_ancestor(own: Path, mountpoint: Path) -> Path:
+    """A cgroup with processes cannot give controllers to its children: the sandbox's is made
+    beside ours, in the nearest ancestor (``own`` included) that hands the memory controller down."""
+    folder = own
+    while True:
+        try:
+            if "memory" in (folder / "cgroup.subtree_control").read_text().split():
+                return folder
+        except OSError:
+            pass
+        if folder == mountpoint:
+            break
+        folder = folder.parent
+    raise _NoCgroup(f"no cgroup above {own} enables the memory controller for its children")
 
 
 def _make_memory_cgroup(slot: int, limit: int) -> str:

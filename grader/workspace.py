@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from grader import GraderError, database
@@ -81,12 +82,23 @@ c.HTMLExporter.sanitize_html = True
 '''
 
 
+class Status(StrEnum):
+    """What became of one submission. A ``StrEnum``: each member is its lowercase string, so the
+    status files, grades.csv and summary.md read exactly as when these were bare strings."""
+
+    PENDING = "pending"  # copied into the workspace, not graded yet
+    GRADED = "graded"
+    TIMEOUT = "timeout"  # the whole notebook ran past --notebook-timeout
+    ERROR = "error"  # unreadable, or nbgrader or the kernel failed
+    REJECTED = "rejected"  # an entry of the submissions with no usable student id
+
+
 @dataclass
 class Record:
     """What happened to one student's submission of one chapter."""
 
     student: str
-    status: str  # "pending" | "graded" | "timeout" | "error" | "rejected"
+    status: Status
     message: str = ""
     source: str = ""  # where the submission came from (path inside the folder or archive)
     sha256: str = ""
@@ -95,9 +107,14 @@ class Record:
     checks: dict[str, str] = field(default_factory=dict)  # test cell -> trusted verdict ("passed" or why not)
     seed: int | None = None  # the secret seed of the trusted checks' inputs (to reproduce them)
 
+    def __post_init__(self):
+        self.status = Status(self.status)  # a status file holds the plain string
+
 
 @dataclass
-class Status:
+class ChapterStatus:
+    """``status/<chapter>.json``: a record per student."""
+
     chapter: str
     records: dict[str, Record] = field(default_factory=dict)
     rejected: list[Record] = field(default_factory=list)  # entries with no usable student id
@@ -202,9 +219,9 @@ class Workspace:
     def status_path(self, chapter: str) -> Path:
         return self.path / "status" / f"{chapter}.json"
 
-    def load_status(self, chapter: str) -> Status:
+    def load_status(self, chapter: str) -> ChapterStatus:
         path = self.status_path(chapter)
-        status = Status(chapter)
+        status = ChapterStatus(chapter)
         if path.exists():
             try:
                 data = json.loads(path.read_text())
@@ -215,7 +232,7 @@ class Workspace:
                     f"{path} is damaged ({error}); delete it to grade everything again.") from None
         return status
 
-    def save_status(self, status: Status) -> None:
+    def save_status(self, status: ChapterStatus) -> None:
         path = self.status_path(status.chapter)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"records": {k: asdict(v) for k, v in sorted(status.records.items())},

@@ -11,7 +11,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.grading_helpers import completed, once_per_session, read_grades, run_grader, tree_digest
+from grader import sandbox
+from grader.workspace import Status, Workspace
+from tests.grading_helpers import REPO, completed, once_per_session, read_grades, run_grader, tree_digest
 from tests.mini_course import CHAPTER, MAX_SCORE, make_course, solved
 
 pytestmark = pytest.mark.grader  # the real grader: make test runs these, make check does not
@@ -204,3 +206,81 @@ def test_cell_timeout_interrupts_that_cell_only(course, release_nb, tmp_path):
     assert row["ex1_add_tests"] == "0", row  # the sleeping answer never defined add()
     assert row["ex2_square_tests"] == "2" and row["ex3_mean_tests"] == "3", row
     assert row["score"] == "5" and "CellTimeoutError" in row["flags"], row
+
+
+# A status file as the grader wrote it when a record's status was a bare string.
+OLD_STATUS_FILE = """{
+ "records": {
+  "alice": {
+   "student": "alice",
+   "status": "graded",
+   "message": "",
+   "source": "alice_1234_ch99.ipynb",
+   "sha256": "ab12",
+   "seconds": 12.5,
+   "flags": [
+    "note: something"
+   ],
+   "checks": {
+    "ex1_add_tests": "passed"
+   },
+   "seed": 7
+  },
+  "bob": {
+   "student": "bob",
+   "status": "timeout",
+   "message": "too slow",
+   "source": "bob.ipynb",
+   "sha256": "cd34",
+   "seconds": null,
+   "flags": [],
+   "checks": {},
+   "seed": null
+  }
+ },
+ "rejected": [
+  {
+   "student": "",
+   "status": "rejected",
+   "message": "x.ipynb: no id",
+   "source": "",
+   "sha256": "",
+   "seconds": null,
+   "flags": [],
+   "checks": {},
+   "seed": null
+  }
+ ]
+}"""
+
+
+def test_status_file_of_the_string_era_loads_and_saves_unchanged(tmp_path):
+    ws = Workspace(tmp_path / "ws", REPO)
+    path = ws.status_path(CHAPTER)
+    path.parent.mkdir(parents=True)
+    path.write_text(OLD_STATUS_FILE)
+    status = ws.load_status(CHAPTER)
+    assert status.records["alice"].status is Status.GRADED
+    assert status.records["bob"].status is Status.TIMEOUT
+    assert status.rejected[0].status is Status.REJECTED
+    assert status.records["bob"].status == "timeout" and f"{status.rejected[0].status}" == "rejected"
+    ws.save_status(status)
+    assert path.read_text() == OLD_STATUS_FILE
+
+
+def test_cgroup2_parent_is_the_nearest_that_hands_memory_down(tmp_path):
+    mount = tmp_path / "cgroup"
+    own = mount / "machine.slice" / "job.scope"
+    own.mkdir(parents=True)
+    (mount / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    (mount / "machine.slice" / "cgroup.subtree_control").write_text("memory\n")
+    (own / "cgroup.subtree_control").write_text("\n")
+    assert sandbox._own_folder("/", mount, "/machine.slice/job.scope") == own
+    assert sandbox._own_folder("/machine.slice", mount, "/machine.slice/job.scope") == mount / "job.scope"
+    assert sandbox._own_folder("/other", mount, "/machine.slice/job.scope") == mount
+    assert sandbox._memory_delegating_ancestor(own, mount) == mount / "machine.slice"
+    (mount / "machine.slice" / "cgroup.subtree_control").write_text("cpu\n")
+    assert sandbox._memory_delegating_ancestor(own, mount) == mount
+    (mount / "cgroup.subtree_control").write_text("cpu\n")
+    with pytest.raises(sandbox._NoCgroup, match="no cgroup above"):
+        sandbox._memory_delegating_ancestor(own, mount)
