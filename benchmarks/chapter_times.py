@@ -23,6 +23,7 @@ from nbclient.exceptions import CellExecutionError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from grader.course import list_chapters  # noqa: E402
 from grader.kernel_client import notebook_client  # noqa: E402 - polls in short slices
 
 
@@ -63,7 +64,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--save", type=Path, help="folder for the executed notebooks")
     args = parser.parse_args()
-    chapters = sorted(p.name for p in (REPO / "solutions").glob("ch*") if p.is_dir())
+    chapters = list_chapters(REPO)
     if args.chapter:
         chapters = [c for c in chapters if any(c.startswith(k) for k in args.chapter)]
     modes = {"quick": [True], "full": [False], "both": [True, False]}[args.mode]

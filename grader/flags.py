@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import nbformat
 
+from grader.course import nbgrader_meta
+
 NBGRADER_KEYS = ("grade", "solution", "locked", "points", "grade_id")
 
 # Attribute or name -> what it is. Matched on dotted names as written (after import aliases).
@@ -91,12 +93,6 @@ PATCHED_MODULES = {"torch", "numpy", "np", "math", "builtins", "course_lib", "IP
                    "nbgrader", "F", "nn", "random", "json", "checks"}
 
 
-def _meta(cell) -> dict:
-    metadata = cell.get("metadata", {})
-    meta = metadata.get("nbgrader", {}) if isinstance(metadata, dict) else {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _python_source(source: str) -> str:
     """IPython syntax (magics, ``!cmd``) as the Python it runs."""
     try:
@@ -133,6 +129,73 @@ def _reads_history(node: ast.AST) -> bool:
     return False
 
 
+def _import_aliases(tree: ast.AST) -> dict[str, str]:
+    """Name bound by each import -> the dotted name it stands for (``np`` -> ``numpy``,
+    ``getframe`` -> ``sys._getframe``), so that a call is matched whatever it is called here."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                top = alias.name.split(".")[0]
+                aliases[alias.asname or top] = alias.name if alias.asname else top
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases
+
+
+def _suspicious_imports(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """``(line, what)`` for each import of a module in SUSPICIOUS_MODULES."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                top = alias.name.split(".")[0]
+                if top in SUSPICIOUS_MODULES:
+                    yield node.lineno, SUSPICIOUS_MODULES[top]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top = node.module.split(".")[0]
+            if top in SUSPICIOUS_MODULES:
+                yield node.lineno, SUSPICIOUS_MODULES[top]
+
+
+def _suspicious_call(call: ast.Call, aliases: dict[str, str]) -> str | None:
+    """What a call is, when it is in SUSPICIOUS_CALLS as written or once its import is resolved."""
+    name = _dotted(call.func)
+    if not name:
+        return None
+    head, _, rest = name.partition(".")
+    full = ".".join(filter(None, [aliases.get(head, head), rest]))
+    for candidate in (name, full):
+        if candidate in SUSPICIOUS_CALLS:
+            return SUSPICIOUS_CALLS[candidate]
+    return None
+
+
+def _library_patches(node: ast.stmt, patched: set[str]) -> Iterator[str]:
+    """An assignment (or ``del``) to an attribute of a library module: ``torch.softmax = ...``."""
+    targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+    for target in targets:
+        name = _dotted(target) if isinstance(target, ast.Attribute) else None
+        if name and name.split(".")[0] in patched:
+            yield f"patches a library ({name} = ...)"
+
+
+def _suspicious_node(node: ast.AST, aliases: dict[str, str], patched: set[str]) -> Iterator[str]:
+    """What is suspicious about one node itself (calls, attributes, overrides, patches)."""
+    if isinstance(node, ast.Call):
+        what = _suspicious_call(node, aliases)
+        if what:
+            yield what
+    elif isinstance(node, ast.Attribute) and node.attr in SUSPICIOUS_ATTRIBUTES:
+        yield SUSPICIOUS_ATTRIBUTES[node.attr]
+    elif isinstance(node, ast.Name) and node.id == "__builtins__":
+        yield SUSPICIOUS_ATTRIBUTES["__builtins__"]
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in SUSPICIOUS_METHODS:
+        yield f"defines {node.name} (comparison or conversion override)"
+    elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+        yield from _library_patches(node, patched)
+
+
 def scan_source(source: str) -> Iterator[tuple[int, str]]:
     """``(line, what)`` for each suspicious construct in one cell."""
     text = _python_source(source)
@@ -143,56 +206,38 @@ def scan_source(source: str) -> Iterator[tuple[int, str]]:
     except SyntaxError as error:
         yield error.lineno or 1, "code that does not parse"
         return
-    aliases: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
-                    alias.name.split(".")[0]
-                top = alias.name.split(".")[0]
-                if top in SUSPICIOUS_MODULES:
-                    yield node.lineno, SUSPICIOUS_MODULES[top]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top = node.module.split(".")[0]
-            for alias in node.names:
-                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-            if top in SUSPICIOUS_MODULES:
-                yield node.lineno, SUSPICIOUS_MODULES[top]
+    aliases = _import_aliases(tree)
+    yield from _suspicious_imports(tree)
+    # a library module under its own name or any name this cell imported it as
+    patched = PATCHED_MODULES | {k for k, v in aliases.items() if v.split(".")[0] in PATCHED_MODULES}
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 1)
         if _reads_history(node):
             yield line, "reads input history"
-        if isinstance(node, ast.Call):
-            name = _dotted(node.func)
-            if name:
-                head, _, rest = name.partition(".")
-                full = ".".join(filter(None, [aliases.get(head, head), rest]))
-                for candidate in (name, full):
-                    if candidate in SUSPICIOUS_CALLS:
-                        yield line, SUSPICIOUS_CALLS[candidate]
-                        break
-        elif isinstance(node, ast.Attribute) and node.attr in SUSPICIOUS_ATTRIBUTES:
-            yield line, SUSPICIOUS_ATTRIBUTES[node.attr]
-        elif isinstance(node, ast.Name) and node.id == "__builtins__":
-            yield line, SUSPICIOUS_ATTRIBUTES["__builtins__"]
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in SUSPICIOUS_METHODS:
-            yield line, f"defines {node.name} (comparison or conversion override)"
-        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
-            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
-            for target in targets:
-                name = _dotted(target) if isinstance(target, ast.Attribute) else None
-                if name and name.split(".")[0] in PATCHED_MODULES | {
-                        k for k, v in aliases.items() if v.split(".")[0] in PATCHED_MODULES}:
-                    yield line, f"patches a library ({name} = ...)"
+        for what in _suspicious_node(node, aliases, patched):
+            yield line, what
+
+
+def _cells_by_grade_id(cells: list) -> dict[str, nbformat.NotebookNode]:
+    """grade_id -> cell, for every cell that has one (whatever its role: locked instructions
+    too); a repeated grade_id names its last cell."""
+    return {grade_id: cell for cell in cells
+            if isinstance(grade_id := nbgrader_meta(cell).get("grade_id"), str) and grade_id}
+
+
+def _is_graded_cell(meta: dict) -> bool:
+    """Whether nbgrader keeps a cell with this nbgrader metadata in its gradebook by its grade_id:
+    a test, an answer or a locked cell (so it must be the release's, once)."""
+    return bool(meta.get("grade") or meta.get("solution") or meta.get("locked"))
 
 
 def integrity_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode) -> list[str]:
     """Locked cells edited or deleted, nbgrader metadata changed, graded cells duplicated."""
     flags = []
-    released = {_meta(c)["grade_id"]: c for c in release.cells if _meta(c).get("grade_id")}
+    released = _cells_by_grade_id(release.cells)
     seen: dict[str, int] = {}
     for cell in submitted.cells:
-        grade_id = _meta(cell).get("grade_id")
+        grade_id = nbgrader_meta(cell).get("grade_id")
         if grade_id and isinstance(grade_id, str):  # anything else is dropped by clean_submission
             seen[grade_id] = seen.get(grade_id, 0) + 1
     for grade_id, count in seen.items():
@@ -200,15 +245,15 @@ def integrity_flags(submitted: nbformat.NotebookNode, release: nbformat.Notebook
             flags.append(f"integrity: cell {grade_id} appears {count} times")
         if grade_id not in released:
             flags.append(f"integrity: unknown graded cell {_printable(grade_id)} (not in the release)")
-    by_id = {_meta(c)["grade_id"]: c for c in submitted.cells if isinstance(_meta(c).get("grade_id"), str)}
+    by_id = _cells_by_grade_id(submitted.cells)
     for grade_id, original in released.items():
-        meta = _meta(original)
+        meta = nbgrader_meta(original)
         cell = by_id.get(grade_id)
         kind = "locked cell" if meta.get("locked") else "answer cell"
         if cell is None:
             flags.append(f"integrity: {kind} {grade_id} deleted (or its metadata removed)")
             continue
-        changed = [k for k in NBGRADER_KEYS if _meta(cell).get(k) != meta.get(k)]
+        changed = [k for k in NBGRADER_KEYS if nbgrader_meta(cell).get(k) != meta.get(k)]
         if changed:
             flags.append(f"integrity: nbgrader metadata of {grade_id} changed ({', '.join(changed)})")
         if meta.get("locked") and cell.source.strip() != original.source.strip():
@@ -223,7 +268,7 @@ def _student_code(submitted: nbformat.NotebookNode,
     given = {c.source.strip() for c in release.cells if c.cell_type == "code"}
     for index, cell in enumerate(submitted.cells):
         if cell.cell_type == "code" and cell.source.strip() not in given:
-            yield _meta(cell).get("grade_id") or f"cell {index + 1}", cell
+            yield nbgrader_meta(cell).get("grade_id") or f"cell {index + 1}", cell
 
 
 def code_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode) -> list[str]:
@@ -267,14 +312,16 @@ def _metadata_problem(cell: nbformat.NotebookNode, released: dict, validator) ->
     except Exception as error:  # noqa: BLE001 - jsonschema, nbgrader and KeyError alike
         text = str(error).strip().splitlines()
         return _printable((text[0] if text else type(error).__name__)[:120])
-    if not (meta.get("grade") or meta.get("solution") or meta.get("locked")):
+    if not _is_graded_cell(meta):
         return None
     grade_id = meta.get("grade_id")
     original = released.get(grade_id)
     if original is None:
         return _printable(f"grade_id {grade_id!r} is not in the release")
-    if (bool(meta.get("grade")), bool(meta.get("solution"))) != (bool(_meta(original).get("grade")),
-                                                                 bool(_meta(original).get("solution"))):
+    # flag by flag, not by cell_role: "other" would make a test cell and a cell both grade and
+    # solution (a manually graded answer) the same kind
+    kind, was = (bool(meta.get("grade")), bool(meta.get("solution"))), nbgrader_meta(original)
+    if kind != (bool(was.get("grade")), bool(was.get("solution"))):
         return f"{grade_id} marked as another kind of cell (grade/solution changed)"
     return None
 
@@ -296,18 +343,33 @@ def clean_submission(submitted: nbformat.NotebookNode, release: nbformat.Noteboo
 
     nb = copy.deepcopy(submitted)
     nb.metadata.pop("n2l_output_flags", None)  # only the grader's preprocessors write it
-    released = {_meta(c)["grade_id"]: c for c in release.cells if _meta(c).get("grade_id")}
-    validator = MetadataValidator()
-    entries = []  # (index, grade_id, problem)
+    released = _cells_by_grade_id(release.cells)
+    flags = _repair_or_drop_graded_cells(nb, _metadata_problems(nb, released, MetadataValidator()), released)
+    for index, cell in enumerate(nb.cells):
+        flags += _mend_what_stops_nbgrader(cell, index)
+    return nb, flags
+
+
+def _metadata_problems(nb: nbformat.NotebookNode, released: dict,
+                       validator) -> list[tuple[int, str | None, str | None]]:
+    """``(index, grade_id, problem)`` of every cell with nbgrader metadata; grade_id None when it
+    is not a string, problem None when nbgrader can grade the cell as it is."""
+    entries = []
     for index, cell in enumerate(nb.cells):
         if isinstance(cell.get("metadata"), dict) and "nbgrader" in cell.metadata:
-            grade_id = _meta(cell).get("grade_id") if isinstance(cell.metadata["nbgrader"], dict) else None
+            grade_id = nbgrader_meta(cell).get("grade_id")
             entries.append((index, grade_id if isinstance(grade_id, str) else None,
                             _metadata_problem(cell, released, validator)))
-    kept: dict[str, int] = {}  # grade_id -> the one cell that carries it
+    return entries
+
+
+def _repair_or_drop_graded_cells(nb: nbformat.NotebookNode, entries: list, released: dict) -> list[str]:
+    """Give each graded cell of ``entries`` with a problem the release's metadata back, when it
+    stands for a release cell no valid cell carries, or else take its nbgrader metadata away; a
+    second valid cell with the same grade_id is dropped too. One flag per cell changed."""
+    kept: dict[str, int] = {}  # grade_id -> the one cell that carries it: the first valid one
     for index, grade_id, problem in entries:
-        meta = _meta(nb.cells[index])
-        if problem is None and grade_id and (meta.get("grade") or meta.get("solution") or meta.get("locked")):
+        if problem is None and grade_id and _is_graded_cell(nbgrader_meta(nb.cells[index])):
             kept.setdefault(grade_id, index)
     flags = []
     for index, grade_id, problem in entries:
@@ -327,18 +389,25 @@ def clean_submission(submitted: nbformat.NotebookNode, release: nbformat.Noteboo
         del cell.metadata["nbgrader"]
         flags.append(f"integrity: malformed graded cell {index + 1} dropped ({problem}); "
                      "it runs as a plain cell")
-    for index, cell in enumerate(nb.cells):
-        # nbgrader stops on a notebook that fails nbformat's schema, e.g. a forged cell id
-        cell_id = cell.get("id")
-        if cell_id is not None and not (isinstance(cell_id, str) and CELL_ID.fullmatch(cell_id)):
-            cell["id"] = nbformat.v4.nbbase.random_cell_id()
-            flags.append(f"integrity: invalid cell id in cell {index + 1} replaced")
-        # nbgrader's feedback stops on hidden-test markers outside a test cell (ClearHiddenTests)
-        source = cell.get("source", "")
-        if not _meta(cell).get("grade") and isinstance(source, str) and HIDDEN_MARKER.search(source):
-            cell.source = HIDDEN_MARKER.sub(lambda m: m.group(0).replace(" ", "_"), source)
-            flags.append(f"integrity: hidden-test markers in cell {index + 1} (not a test cell) renamed")
-    return nb, flags
+    return flags
+
+
+def _mend_what_stops_nbgrader(cell: nbformat.NotebookNode, index: int) -> list[str]:
+    """Mend, in place, the two things besides nbgrader metadata that stop nbgrader on a cell; a
+    flag for each."""
+    flags = []
+    # nbgrader stops on a notebook that fails nbformat's schema, e.g. a forged cell id
+    cell_id = cell.get("id")
+    if cell_id is not None and not (isinstance(cell_id, str) and CELL_ID.fullmatch(cell_id)):
+        cell["id"] = nbformat.v4.nbbase.random_cell_id()
+        flags.append(f"integrity: invalid cell id in cell {index + 1} replaced")
+    # nbgrader's feedback stops on hidden-test markers outside a test cell (ClearHiddenTests).
+    # "Test cell" as ClearHiddenTests reads it (utils.is_grade): any grade cell, not cell_role's.
+    source = cell.get("source", "")
+    if not nbgrader_meta(cell).get("grade") and isinstance(source, str) and HIDDEN_MARKER.search(source):
+        cell.source = HIDDEN_MARKER.sub(lambda m: m.group(0).replace(" ", "_"), source)
+        flags.append(f"integrity: hidden-test markers in cell {index + 1} (not a test cell) renamed")
+    return flags
 
 
 def trust_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode,
@@ -366,7 +435,8 @@ def trust_flags(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode
         # An edited release cell (the setup cell, say) is flagged only for what the edit added.
         position = submitted_code.index(cell)
         original = release_code[position] if position < len(release_code) and \
-            _meta(release_code[position]).get("grade_id") == _meta(cell).get("grade_id") else None
+            nbgrader_meta(release_code[position]).get("grade_id") == nbgrader_meta(cell).get("grade_id") \
+            else None
         baseline = Counter(what for what, _ in _trust_findings(original.source, helpers, reference_modules)) \
             if original is not None else Counter()
         found: dict[str, int] = {}

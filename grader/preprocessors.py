@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 from nbformat.notebooknode import NotebookNode
 from nbgrader.preprocessors import NbGraderPreprocessor
 from traitlets import Integer, List, Unicode
+
+from grader.course import nbgrader_meta
 
 
 class StderrIsNotAFailure(NbGraderPreprocessor):
@@ -76,35 +77,16 @@ def output_flags(graded_notebook_path) -> list[str]:
     return flags
 
 
-def _meta(cell: NotebookNode) -> dict:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    return meta if isinstance(meta, dict) else {}
-
-
 def _label(cell: NotebookNode, index: int) -> str:
-    grade_id = _meta(cell).get("grade_id")
+    grade_id = nbgrader_meta(cell).get("grade_id")
     return f"cell {grade_id}" if isinstance(grade_id, str) and grade_id else f"cell {index + 1}"
 
 
 def _is_grade_cell(cell: NotebookNode) -> bool:
-    return bool(_meta(cell).get("grade"))
-
-
-def _trusted_payload(nb: NotebookNode):
-    """A test of whether an output is the in-kernel trusted checks' result (exempt: the grader
-    takes that cell out afterwards); never true when no trusted cell was appended."""
-    path = os.environ.get("COURSE_TRUSTED_CELL")
-    try:
-        source = Path(path).read_text().strip() if path else None
-    except OSError:
-        source = None
-    if not source or not nb.cells or nb.cells[-1].get("source", "").strip() != source:
-        return lambda cell, output: False
-    from grader.probes import MIME
-
-    last = nb.cells[-1]
-    return lambda cell, output: (cell is last and output.get("output_type") == "display_data"
-                                 and MIME in output.get("data", {}))
+    """Whether nbgrader scores a cell (its own ``utils.is_grade``): a test cell, and also a cell
+    both grade and solution, which :func:`grader.course.cell_role` calls "other". nbgrader reads
+    the ``text/plain`` of any such cell's result, and its hidden lines are its own."""
+    return bool(nbgrader_meta(cell).get("grade"))
 
 
 def _strings(value) -> Iterator[str]:
@@ -148,7 +130,6 @@ class CapOutputs(NbGraderPreprocessor):
     max_notebook_bytes = Integer(2_000_000, help="bytes of output kept per notebook").tag(config=True)
 
     def preprocess(self, nb: NotebookNode, resources: dict):
-        exempt = _trusted_payload(nb)
         used_notebook, flags, notebook_flagged = 0, [], False
         for index, cell in enumerate(nb.cells):
             if cell.get("cell_type") != "code" or not cell.get("outputs"):
@@ -156,9 +137,6 @@ class CapOutputs(NbGraderPreprocessor):
             budget = max(0, min(self.max_cell_bytes, self.max_notebook_bytes - used_notebook))
             kept, used, dropped, has_error = [], 0, 0, False
             for output in cell.outputs:
-                if exempt(cell, output):
-                    kept.append(output)
-                    continue
                 size = _nbytes(output)
                 is_error = output.get("output_type") == "error"
                 if used + size <= budget:
@@ -286,35 +264,39 @@ class ScrubHiddenTests(NbGraderPreprocessor):
         return nb, resources
 
     def scrub(self, nb: NotebookNode, secret: list[str], hidden: list[str], visible: set[str]) -> None:
+        self._needles = self._secret_needles(secret, visible)
+        # in tracebacks every hidden line goes, however short, and the markers too
+        self._exact = {SPACE.sub("", line) for line in hidden} - visible - {""}
+        flags = []
+        for index, cell in enumerate(nb.cells):
+            if cell.get("cell_type") == "code" and cell.get("outputs") and self._scrub_outputs(cell):
+                flags.append(f"leak: {_label(cell, index)} printed hidden-test source; output removed")
+        _record(nb, type(self).__name__, flags)
+
+    def _secret_needles(self, secret: list[str], visible: set[str]) -> list[str]:
+        """What is searched for in outputs: each secret line, its code and its comment, without
+        white space, when ``min_length`` long and not visible elsewhere."""
         needles = set()
         for line in secret:
             for part in (line, *line.split("#", 1)):  # a line, its code and its comment
                 squeezed = SPACE.sub("", part)
                 if len(squeezed) >= self.min_length and squeezed not in visible:
                     needles.add(squeezed)
-        self._needles = sorted(needles)
-        # in tracebacks every hidden line goes, however short, and the markers too
-        self._exact = {SPACE.sub("", line) for line in hidden} - visible - {""}
-        exempt = _trusted_payload(nb)
-        flags = []
-        for index, cell in enumerate(nb.cells):
-            if cell.get("cell_type") != "code" or not cell.get("outputs"):
-                continue
-            leaked, outputs = False, []
-            for output in cell.outputs:
-                if exempt(cell, output):
-                    pass
-                elif output.get("output_type") == "error":
-                    output, leak = self._scrub_error(output, _is_grade_cell(cell))
-                    leaked |= leak
-                elif self._contains_secret(output):
-                    leaked = True
-                    output = self._replacement(output)
-                outputs.append(output)
-            cell.outputs = outputs
-            if leaked:
-                flags.append(f"leak: {_label(cell, index)} printed hidden-test source; output removed")
-        _record(nb, type(self).__name__, flags)
+        return sorted(needles)
+
+    def _scrub_outputs(self, cell: NotebookNode) -> bool:
+        """Scrub one code cell's outputs in place; True when one of them leaked."""
+        leaked, outputs = False, []
+        for output in cell.outputs:
+            if output.get("output_type") == "error":
+                output, leak = self._scrub_error(output, _is_grade_cell(cell))
+                leaked |= leak
+            elif self._contains_secret(output):
+                leaked = True
+                output = self._replacement(output)
+            outputs.append(output)
+        cell.outputs = outputs
+        return leaked
 
     def _contains_secret(self, value) -> bool:
         return bool(self._needles) and any(

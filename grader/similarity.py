@@ -53,6 +53,8 @@ from pathlib import Path
 
 import nbformat
 
+from grader.course import cell_role, cell_source, nbgrader_meta
+
 # copydetect's thresholds count characters of *tokenised* code, which is short: the solution of
 # a three-line exercise (`residual = pred - target` ...) tokenises to 50-150 characters, e.g.
 # `V=V-VV=V.V()V=V.V(V<=V,0.5*V**2,V*(V-0.5*V))returnV.V()`. copydetect's default noise
@@ -120,21 +122,16 @@ class Result:
 
 # -- inputs ------------------------------------------------------------------------------------
 
-def is_answer_cell(cell) -> bool:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    return cell.get("cell_type") == "code" and bool(meta.get("solution")) and not meta.get("grade")
-
-
 def answer_cells(notebook: Path | nbformat.NotebookNode) -> dict[str, str]:
-    """``{grade_id: source}`` of a notebook's answer cells, in notebook order."""
+    """``{grade_id: source}`` of a notebook's answer cells, in notebook order. Not
+    :func:`grader.course.cells_with_role`: a submitted answer cell whose grade_id is missing or
+    not a string is still compared, as ``cell N`` or its grade_id's text."""
     nb = notebook if isinstance(notebook, nbformat.NotebookNode) else nbformat.read(
         notebook, as_version=4)
     cells = {}
     for i, cell in enumerate(nb.cells):
-        if is_answer_cell(cell):
-            source = cell.source if isinstance(cell.source, str) else "".join(cell.source)
-            grade_id = str(cell.get("metadata", {}).get("nbgrader", {}).get("grade_id") or f"cell {i}")
-            cells[grade_id] = source
+        if cell_role(cell) == "answer":
+            cells[str(nbgrader_meta(cell).get("grade_id") or f"cell {i}")] = cell_source(cell)
     return cells
 
 
@@ -277,60 +274,77 @@ def compare(answers: dict[str, dict[str, str]], starter: dict[str, str], referen
         return result
     boilerplate = "".join(f"{source}\n\n" for source in starter.values())
     with tempfile.TemporaryDirectory(prefix="n2l-similarity-") as tmp, _reproducible():
-        # 1. students with each other
         if len(answers) > 1:
-            files = {student: as_file(cells, starter) for student, cells in sorted(answers.items())}
-            detector, paths, label = _detect(Path(tmp) / "students", files, files, boilerplate)
-            pairs: dict[str, list[Match]] = {s: [] for s in answers}
-            for test_f, ref_f, mine, theirs, overlap in _pairs(detector, thresholds.min_overlap):
-                if max(mine, theirs) >= thresholds.students:
-                    (a, share_a), (b, share_b) = sorted([(label[test_f], mine), (label[ref_f], theirs)])
-                    match = Match(a, b, "student", max(mine, theirs), (share_a, share_b), overlap)
-                    pairs[a].append(match)
-                    pairs[b].append(match)
-            result.pairs_above = sum(len(found) for found in pairs.values()) // 2
-            shown: dict[int, Match] = {}
-            for student, found in pairs.items():
-                def other_of(m: Match, student: str = student) -> str:
-                    return m.other if m.student == student else m.student
-
-                found.sort(key=lambda m: (-m.similarity, -m.overlap, other_of(m)))
-                for match in found[:thresholds.most_per_student]:
-                    other = other_of(match)
-                    result.flags[student].append(f"similar to {other} ({100 * match.similarity:.0f}%)")
-                    shown[id(match)] = match
-                more = len(found) - thresholds.most_per_student
-                if more > 0:
-                    result.flags[student].append(f"similar to {more} more student{'s' * (more > 1)} "
-                                                 "(see similarity.html)")
-            for match in shown.values():
-                match.code = _highlighted(detector, paths[match.student], paths[match.other])
-                result.matches.append(match)
-
-        # 2. each answer cell with course_lib
-        cells = {(student, grade_id): f"{_header(grade_id)}{source}\n"
-                 for student, found in sorted(answers.items()) for grade_id, source in found.items()
-                 if source.strip() and source != starter.get(grade_id)}  # cells left blank: none
-        if references and cells:
-            detector, paths, label = _detect(Path(tmp) / "course_lib", cells, references, boilerplate)
-            found = []
-            for test_f, ref_f, mine, theirs, overlap in _pairs(detector, thresholds.min_overlap):
-                if max(mine, theirs) >= thresholds.course_lib:
-                    (student, grade_id), name = label[test_f], label[ref_f]
-                    found.append(Match(student, name, "course_lib", max(mine, theirs), (mine, theirs),
-                                       overlap, cell=grade_id))
-            found.sort(key=lambda m: (m.student, -m.similarity, -m.overlap, m.other, m.cell))
-            named = set()
-            for match in found:  # one flag per student and function: its best cell
-                if (match.student, match.other) not in named:
-                    named.add((match.student, match.other))
-                    match.code = _highlighted(detector, paths[(match.student, match.cell)],
-                                              paths[match.other])
-                    result.flags[match.student].append(
-                        f"matches {match.other} ({100 * match.similarity:.0f}%)")
-                    result.matches.append(match)
+            _compare_students(answers, starter, boilerplate, Path(tmp) / "students", thresholds, result)
+        _compare_with_course_lib(answers, starter, references, boilerplate, Path(tmp) / "course_lib",
+                                 thresholds, result)
     result.matches.sort(key=lambda m: (m.kind != "student", -m.similarity, m.student, m.other))
     return result
+
+
+def _compare_students(answers: dict[str, dict[str, str]], starter: dict[str, str], boilerplate: str,
+                      folder: Path, thresholds: Thresholds, result: Result) -> None:
+    """Step 1: every student's answers, as one file, against every other student's. Adds the
+    flags, the matches behind them and the count of pairs over the thresholds to ``result``."""
+    files = {student: as_file(cells, starter) for student, cells in sorted(answers.items())}
+    detector, paths, label = _detect(folder, files, files, boilerplate)
+    pairs: dict[str, list[Match]] = {s: [] for s in answers}  # each pair under both students
+    for test_f, ref_f, mine, theirs, overlap in _pairs(detector, thresholds.min_overlap):
+        if max(mine, theirs) >= thresholds.students:
+            (a, share_a), (b, share_b) = sorted([(label[test_f], mine), (label[ref_f], theirs)])
+            match = Match(a, b, "student", max(mine, theirs), (share_a, share_b), overlap)
+            pairs[a].append(match)
+            pairs[b].append(match)
+    result.pairs_above = sum(len(found) for found in pairs.values()) // 2
+    shown: dict[int, Match] = {}  # a pair shown for either student is on the page once
+    for student, found in pairs.items():
+        for match in _flag_most_similar(student, found, thresholds.most_per_student, result.flags[student]):
+            shown[id(match)] = match
+    for match in shown.values():
+        match.code = _highlighted(detector, paths[match.student], paths[match.other])
+        result.matches.append(match)
+
+
+def _flag_most_similar(student: str, found: list[Match], most: int, flags: list[str]) -> list[Match]:
+    """Flag ``student``'s ``most`` most similar students (and how many more there are); the
+    matches flagged."""
+    def other_of(m: Match) -> str:
+        return m.other if m.student == student else m.student
+
+    found.sort(key=lambda m: (-m.similarity, -m.overlap, other_of(m)))
+    for match in found[:most]:
+        flags.append(f"similar to {other_of(match)} ({100 * match.similarity:.0f}%)")
+    more = len(found) - most
+    if more > 0:
+        flags.append(f"similar to {more} more student{'s' * (more > 1)} (see similarity.html)")
+    return found[:most]
+
+
+def _compare_with_course_lib(answers: dict[str, dict[str, str]], starter: dict[str, str],
+                             references: dict[str, str], boilerplate: str, folder: Path,
+                             thresholds: Thresholds, result: Result) -> None:
+    """Step 2: each answer cell, as one file, against every course_lib reference. Adds one flag
+    and match per student and function (its best cell) to ``result``."""
+    cells = {(student, grade_id): f"{_header(grade_id)}{source}\n"
+             for student, found in sorted(answers.items()) for grade_id, source in found.items()
+             if source.strip() and source != starter.get(grade_id)}  # cells left blank: none
+    if not (references and cells):
+        return
+    detector, paths, label = _detect(folder, cells, references, boilerplate)
+    found = []
+    for test_f, ref_f, mine, theirs, overlap in _pairs(detector, thresholds.min_overlap):
+        if max(mine, theirs) >= thresholds.course_lib:
+            (student, grade_id), name = label[test_f], label[ref_f]
+            found.append(Match(student, name, "course_lib", max(mine, theirs), (mine, theirs),
+                               overlap, cell=grade_id))
+    found.sort(key=lambda m: (m.student, -m.similarity, -m.overlap, m.other, m.cell))
+    named = set()
+    for match in found:  # one flag per student and function: its best cell
+        if (match.student, match.other) not in named:
+            named.add((match.student, match.other))
+            match.code = _highlighted(detector, paths[(match.student, match.cell)], paths[match.other])
+            result.flags[match.student].append(f"matches {match.other} ({100 * match.similarity:.0f}%)")
+            result.matches.append(match)
 
 
 def similarity_flags(ws, chapter: str, students: list[str], out: Path | None,
@@ -363,6 +377,17 @@ td, th { padding: 0 .8em 0 0; text-align: left; }
 """
 
 
+def _pair_html(m: Match, heading: str, shares: str) -> list[str]:
+    """One flagged pair on the page: ``heading`` and ``shares`` (HTML, escaped by the caller),
+    then both sides' code side by side (``Match.code``: escaped, with the shared passages marked)."""
+    return ['<div class="pair">', f"<h3>{heading}</h3>",
+            f"<p>{shares} {m.overlap} characters of tokenised code in common.</p>",
+            '<div class="sides">',
+            f"<div><b>{html.escape(m.student)}</b><pre>{m.code[0]}</pre></div>",
+            f"<div><b>{html.escape(m.other)}</b><pre>{m.code[1]}</pre></div>",
+            "</div></div>"]
+
+
 def write_html(result: Result, path: Path, chapter: str, thresholds: Thresholds) -> None:
     """The flagged pairs with their matching passages side by side; everything escaped."""
     e = html.escape
@@ -393,32 +418,17 @@ def write_html(result: Result, path: Path, chapter: str, thresholds: Thresholds)
     if not students:
         parts.append("<p>None.</p>")
     for m in students:
-        parts += [
-            '<div class="pair">',
-            f"<h3>{e(m.student)} &harr; {e(m.other)}: {100 * m.similarity:.0f}%</h3>",
-            f"<p>{100 * m.shares[0]:.0f}% of {e(m.student)}'s answer code is also in "
-            f"{e(m.other)}'s; {100 * m.shares[1]:.0f}% of {e(m.other)}'s is in {e(m.student)}'s; "
-            f"{m.overlap} characters of tokenised code in common.</p>",
-            '<div class="sides">',
-            f"<div><b>{e(m.student)}</b><pre>{m.code[0]}</pre></div>",
-            f"<div><b>{e(m.other)}</b><pre>{m.code[1]}</pre></div>",
-            "</div></div>",
-        ]
+        parts += _pair_html(m, f"{e(m.student)} &harr; {e(m.other)}: {100 * m.similarity:.0f}%",
+                            f"{100 * m.shares[0]:.0f}% of {e(m.student)}'s answer code is also in "
+                            f"{e(m.other)}'s; {100 * m.shares[1]:.0f}% of {e(m.other)}'s is in "
+                            f"{e(m.student)}'s;")
     parts.append(f"<h2>Answers that match course_lib ({len(refs)})</h2>")
     if not refs:
         parts.append("<p>None.</p>")
     for m in refs:
-        parts += [
-            '<div class="pair">',
-            f"<h3>{e(m.student)}, {e(m.cell)} &rarr; {e(m.other)}: {100 * m.similarity:.0f}%</h3>",
-            f"<p>{100 * m.shares[0]:.0f}% of {e(m.student)}'s answer cell {e(m.cell)} is in "
-            f"{e(m.other)}; {100 * m.shares[1]:.0f}% of {e(m.other)} is in that cell; "
-            f"{m.overlap} characters of tokenised code in common.</p>",
-            '<div class="sides">',
-            f"<div><b>{e(m.student)}</b><pre>{m.code[0]}</pre></div>",
-            f"<div><b>{e(m.other)}</b><pre>{m.code[1]}</pre></div>",
-            "</div></div>",
-        ]
+        parts += _pair_html(m, f"{e(m.student)}, {e(m.cell)} &rarr; {e(m.other)}: {100 * m.similarity:.0f}%",
+                            f"{100 * m.shares[0]:.0f}% of {e(m.student)}'s answer cell {e(m.cell)} is in "
+                            f"{e(m.other)}; {100 * m.shares[1]:.0f}% of {e(m.other)} is in that cell;")
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n", encoding="utf-8", errors="replace")

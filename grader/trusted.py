@@ -38,7 +38,7 @@ from pathlib import Path
 import nbformat
 
 from grader import trusted_runner
-from grader.flags import _meta  # a cell's nbgrader metadata (one home)
+from grader.course import cell_role, cell_source, cells_with_role, nbgrader_meta
 from grader.probes import Probe, Tensors, encode
 
 RUNNER_INSIDE = "/opt/n2l/trusted_runner.py"
@@ -47,14 +47,13 @@ RUNNER_INSIDE = "/opt/n2l/trusted_runner.py"
 # -- what each exercise forbids (read from its hidden tests) ---------------------------------------
 
 
-def forbidden_targets(test_source: str) -> list[str]:
-    """The dotted names a test cell passes to ``forbidden(...)``, directly or through a tuple
-    variable of the same cell (``t_forbidden = (...)``; ``forbidden(*t_forbidden)``)."""
-    try:
-        tree = ast.parse("\n".join(line for line in test_source.splitlines()
-                                   if not line.lstrip().startswith(("%", "!"))))
-    except SyntaxError:
-        return []
+def without_magics(source: str) -> str:
+    """A cell's source without its IPython lines (``%magic``, ``!command``), so ``ast`` reads it."""
+    return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
+def _string_tuples(tree: ast.AST) -> dict[str, list[str]]:
+    """Variable -> the strings of the tuple or list literal assigned to it (``t_forbidden = (...)``)."""
     tuples: dict[str, list[str]] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List)):
@@ -63,11 +62,25 @@ def forbidden_targets(test_source: str) -> list[str]:
             for target in node.targets:
                 if isinstance(target, ast.Name):
                     tuples[target.id] = strings
+    return tuples
+
+
+def _is_forbidden_call(node: ast.AST) -> bool:
+    """``forbidden(...)`` or ``checks.forbidden(...)``."""
+    func = getattr(node, "func", None)
+    return isinstance(node, ast.Call) and getattr(func, "id", getattr(func, "attr", None)) == "forbidden"
+
+
+def forbidden_targets(test_source: str) -> list[str]:
+    """The dotted names a test cell passes to ``forbidden(...)``, directly or through a tuple
+    variable of the same cell (``t_forbidden = (...)``; ``forbidden(*t_forbidden)``)."""
+    try:
+        tree = ast.parse(without_magics(test_source))
+    except SyntaxError:
+        return []
+    tuples = _string_tuples(tree)
     found: list[str] = []
-    for node in ast.walk(tree):
-        name = getattr(getattr(node, "func", None), "id", getattr(getattr(node, "func", None), "attr", None))
-        if not (isinstance(node, ast.Call) and name == "forbidden"):
-            continue
+    for node in filter(_is_forbidden_call, ast.walk(tree)):
         for arg in node.args:
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 found.append(arg.value)
@@ -78,8 +91,8 @@ def forbidden_targets(test_source: str) -> list[str]:
 
 def chapter_forbidden(source_nb: nbformat.NotebookNode) -> dict[str, list[str]]:
     """Test cell -> what its hidden tests forbid, for every test cell of the source notebook."""
-    return {_meta(c)["grade_id"]: forbidden_targets(c.source) for c in source_nb.cells
-            if c.cell_type == "code" and _meta(c).get("grade") and not _meta(c).get("solution")}
+    return {grade_id: forbidden_targets(cell_source(cell))
+            for grade_id, cell in cells_with_role(source_nb, "test").items()}
 
 
 # -- course_lib with the chapter's reference answers withheld ------------------------------------
@@ -166,12 +179,12 @@ def withheld_course_lib(dest: Path, targets: list[str]) -> Path:
 def answer_cells(submitted: nbformat.NotebookNode, release: nbformat.NotebookNode) -> list[tuple[str, str]]:
     """``(grade_id, source)`` of the student's answer cells, in the release's order: only cells
     whose grade_id is an answer cell of the release (an answer missing from the submission is
-    left out, so its names stay undefined)."""
-    wanted = [_meta(c)["grade_id"] for c in release.cells
-              if c.cell_type == "code" and _meta(c).get("solution") and not _meta(c).get("grade")]
+    left out, so its names stay undefined). A submitted code cell counts by its grade_id alone,
+    whatever its nbgrader flags say: the release decides what is an answer."""
+    wanted = list(cells_with_role(release, "answer"))  # a list: a submitted grade_id may be unhashable
     found: dict[str, str] = {}
     for cell in submitted.cells:
-        grade_id = _meta(cell).get("grade_id")
+        grade_id = nbgrader_meta(cell).get("grade_id")
         if cell.cell_type == "code" and grade_id in wanted and grade_id not in found:
             found[grade_id] = cell.source
     return [(g, found[g]) for g in wanted if g in found]
@@ -182,7 +195,9 @@ def setup_cell(release: nbformat.NotebookNode) -> str:
     the student's edit of it."""
     for cell in release.cells:
         if cell.cell_type == "code":
-            return "" if _meta(cell).get("grade") or _meta(cell).get("solution") else cell.source
+            # neither flag, not cell_role's "other": a cell both grade and solution is graded too
+            meta = nbgrader_meta(cell)
+            return "" if meta.get("grade") or meta.get("solution") else cell.source
     return ""
 
 
@@ -190,13 +205,11 @@ def answer_owners(release: nbformat.NotebookNode) -> dict[str, list[str]]:
     """Answer cell -> the test cell that grades it: the first test cell after it."""
     owners, waiting = {}, []
     for cell in release.cells:
-        meta = _meta(cell)
-        if cell.cell_type != "code" or not meta.get("grade_id"):
-            continue
-        if meta.get("solution") and not meta.get("grade"):
-            waiting.append(meta["grade_id"])
-        elif meta.get("grade") and not meta.get("solution"):
-            owners.update({answer: [meta["grade_id"]] for answer in waiting})
+        role, grade_id = cell_role(cell), nbgrader_meta(cell).get("grade_id")
+        if role == "answer" and grade_id:
+            waiting.append(grade_id)
+        elif role == "test" and grade_id:
+            owners.update({answer: [grade_id] for answer in waiting})
             waiting = []
     return owners
 
@@ -306,40 +319,57 @@ class _Session:
             self.finished = True
 
     def on_data(self, message: dict) -> None:
-        """A message of probe ``message["index"]``'s child. The two pipes are read in turn, so
-        a child's first message can be read before the control pipe's "probe" that preceded
-        it: such a message waits for it. Messages of finished probes are dropped."""
+        """A message of probe ``message["index"]``'s child: a forbidden call, the answers loaded,
+        or the probe's result (the first one only)."""
+        if not self._is_current(message):
+            return
         i = self.current
+        if "forbidden" in message:
+            self._record_forbidden(message)
+        elif "loaded" in message and i not in self.sent:
+            self._answers_loaded(message)
+        elif i in self.sent and str(i) not in self.outputs and str(i) not in self.errors:
+            self._record_result(message)
+
+    def _is_current(self, message: dict) -> bool:
+        """Whether a child's message is the current probe's. The two pipes are read in turn, so a
+        child's first message can be read before the control pipe's "probe" that preceded it:
+        such a message waits for it (in ``pending``). Messages of finished probes are dropped."""
         try:
             claimed = int(message.get("index"))
         except (TypeError, ValueError):
-            return
-        if i is None or claimed > i:
+            return False
+        if self.current is None or claimed > self.current:
             if len(self.pending) < 100:
                 self.pending.append(message)
-            return
-        if claimed != i:
-            return
-        index, cell = str(i), self.job["probes"][i]["test_cell"]
-        if "forbidden" in message:
-            what = f"{message['forbidden']}"[:200]
-            # While the answers load, the call belongs to the exercise of the cell that made it.
-            for owner in self.job["owners"].get(str(message.get("cell")), [cell]):
-                if what not in self.forbidden.setdefault(owner, []):
-                    self.forbidden[owner].append(what)
-        elif "loaded" in message and i not in self.sent:
-            self.sent.add(i)
-            for key, value in (message.get("answer_errors") or {}).items():
-                self.answer_errors.setdefault(str(key)[:100], str(value)[:300])
-            self._send({"inputs": encode({"0": self.inputs.get(index, {})})})
-        elif i in self.sent and index not in self.outputs and index not in self.errors:
-            if "outputs" in message:
-                try:
-                    self.outputs[index] = trusted_runner.decode(str(message["outputs"])).get("0", {})
-                except Exception as error:  # noqa: BLE001 - damaged outputs fail this check
-                    self.errors[index] = f"unreadable outputs ({error})"
-            elif "error" in message:
-                self.errors[index] = f"{message['error']}"[:500]
+            return False
+        return claimed == self.current
+
+    def _record_forbidden(self, message: dict) -> None:
+        what = f"{message['forbidden']}"[:200]
+        # While the answers load, the call belongs to the exercise of the cell that made it.
+        cell = self.job["probes"][self.current]["test_cell"]
+        for owner in self.job["owners"].get(str(message.get("cell")), [cell]):
+            if what not in self.forbidden.setdefault(owner, []):
+                self.forbidden[owner].append(what)
+
+    def _answers_loaded(self, message: dict) -> None:
+        """Keep what the answer cells raised while loading; send the probe's secret inputs."""
+        self.sent.add(self.current)
+        for key, value in (message.get("answer_errors") or {}).items():
+            self.answer_errors.setdefault(str(key)[:100], str(value)[:300])
+        self._send({"inputs": encode({"0": self.inputs.get(str(self.current), {})})})
+
+    def _record_result(self, message: dict) -> None:
+        """The probe's outputs (plain tensors) or the error its call raised."""
+        index = str(self.current)
+        if "outputs" in message:
+            try:
+                self.outputs[index] = trusted_runner.decode(str(message["outputs"])).get("0", {})
+            except Exception as error:  # noqa: BLE001 - damaged outputs fail this check
+                self.errors[index] = f"unreadable outputs ({error})"
+        elif "error" in message:
+            self.errors[index] = f"{message['error']}"[:500]
 
     def _drain_data(self) -> None:
         """Handle whatever the data pipe holds now, without waiting."""

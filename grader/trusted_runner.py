@@ -214,6 +214,33 @@ def _aten_names(target: str, obj: Any) -> list[str]:
     return found
 
 
+def _source_file(obj: Any) -> str | None:
+    """The ``.py`` file that defines ``obj`` (its code's, else its module's), resolved; None for
+    what is not Python source (a C function)."""
+    path = getattr(getattr(obj, "__code__", None), "co_filename", None) or \
+        getattr(sys.modules.get(getattr(obj, "__module__", "") or ""), "__file__", None)
+    return os.path.realpath(path) if path and path.endswith(".py") else None
+
+
+def _namespaces(torch: Any) -> list[dict]:
+    """The dicts a forbidden object may be bound in: every loaded module's, and torch's private
+    C namespaces (``torch._C._VariableFunctions``, ..., ``torch._VF``)."""
+    holders = [m.__dict__ for m in list(sys.modules.values()) if hasattr(m, "__dict__")]
+    for name in ("_VariableFunctions", "_nn", "_special", "_linalg", "_fft"):
+        namespace_object = getattr(torch._C, name, None)
+        if namespace_object is not None and hasattr(namespace_object, "__dict__"):
+            holders.append(namespace_object.__dict__)
+    if hasattr(getattr(torch, "_VF", None), "__dict__"):
+        holders.append(torch._VF.__dict__)
+    return holders
+
+
+def _target_of(originals: dict[int, tuple[str, Any]], value: Any) -> str | None:
+    """The target whose original object ``value`` is (by identity), or None."""
+    entry = originals.get(id(value))
+    return entry[0] if entry is not None and entry[1] is value else None
+
+
 class Blocker:
     """Blocks forbidden targets in this process for good, reporting each use through ``report``."""
 
@@ -235,8 +262,15 @@ class Blocker:
     def python_names(self, targets: list[str]) -> None:
         """Replace every binding of each target's object by a stub (module attributes, class
         attributes, torch's C namespaces)."""
-        import torch
+        import torch  # first: its modules are among those searched for other bindings
 
+        originals = self._stub_definitions(targets)
+        if originals:
+            self._stub_other_bindings(originals, torch)
+
+    def _stub_definitions(self, targets: list[str]) -> dict[int, tuple[str, Any]]:
+        """Stub each target where its name resolves (an attribute of its module or class), and
+        note its ATen operators and its source file. Returns id(original) -> (target, original)."""
         originals = {}
         for target in targets:
             resolved = _resolve(target)
@@ -250,36 +284,31 @@ class Blocker:
             try:
                 setattr(owner, attr, stub)
             except (AttributeError, TypeError):
-                pass  # a C type's method: the dispatcher block below catches its calls
-            code = getattr(getattr(original, "__code__", None), "co_filename", None) or \
-                getattr(sys.modules.get(getattr(original, "__module__", "") or ""), "__file__", None)
-            if code and code.endswith(".py"):
-                self.files.add(os.path.realpath(code))
-        if not originals:
-            return
-        holders = [m.__dict__ for m in list(sys.modules.values()) if hasattr(m, "__dict__")]
-        for name in ("_VariableFunctions", "_nn", "_special", "_linalg", "_fft"):
-            namespace_object = getattr(torch._C, name, None)
-            if namespace_object is not None and hasattr(namespace_object, "__dict__"):
-                holders.append(namespace_object.__dict__)
-        if hasattr(getattr(torch, "_VF", None), "__dict__"):
-            holders.append(torch._VF.__dict__)
-        for holder in holders:
+                pass  # a C type's method: the dispatcher block catches its calls
+            source = _source_file(original)
+            if source:
+                self.files.add(source)
+        return originals
+
+    def _stub_other_bindings(self, originals: dict[int, tuple[str, Any]], torch: Any) -> None:
+        """Every other name bound to an original: in any loaded module, torch's C namespaces and
+        ``torch.Tensor``'s attributes."""
+        for holder in _namespaces(torch):
             try:
                 items = list(holder.items())
             except Exception:  # noqa: BLE001 - a module whose dict misbehaves is skipped
                 continue
             for key, value in items:
-                entry = originals.get(id(value))
-                if entry is not None and entry[1] is value:
+                target = _target_of(originals, value)
+                if target is not None:
                     try:
-                        holder[key] = self.stub(entry[0])
+                        holder[key] = self.stub(target)
                     except TypeError:  # a read-only mapping proxy
                         pass
         for key, value in list(vars(torch.Tensor).items()):
-            entry = originals.get(id(value))
-            if entry is not None and entry[1] is value:
-                setattr(torch.Tensor, key, self.stub(entry[0]))
+            target = _target_of(originals, value)
+            if target is not None:
+                setattr(torch.Tensor, key, self.stub(target))
 
     def dispatcher(self) -> None:
         """Replace the kernels of the ATen operators found by :meth:`python_names` by ones that

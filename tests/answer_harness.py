@@ -74,11 +74,12 @@ def demo_names_read_by_tests(chapter: str, root: Path = REPO) -> dict[str, list[
     """Test cell -> names it reads that only a demo cell defines (must be empty for the harness)."""
     import ast
 
+    from grader.trusted import without_magics
+
     defined_by: dict[str, str] = {}
     found: dict[str, list[str]] = {}
     for cell in source_cells(chapter, root):
-        tree = ast.parse("\n".join(line for line in cell.source.splitlines()
-                                   if not line.lstrip().startswith(("%", "!"))))
+        tree = ast.parse(without_magics(cell.source))
         stored, loaded = set(), set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Name):

@@ -72,7 +72,7 @@ def fill_answers(notebook: nbformat.NotebookNode, answers: dict[str, str]) -> nb
     """A copy of ``notebook`` with the cells whose nbgrader ``grade_id`` is in ``answers`` replaced."""
     filled = copy.deepcopy(notebook)
     for cell in filled.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        grade_id = nbgrader_meta(cell).get("grade_id")
         if grade_id in answers:
             cell.source = answers[grade_id]
     return filled

@@ -15,6 +15,7 @@ import shutil
 import nbformat
 import pytest
 
+from grader.course import cell_source, cells_with_role
 from tests.e2e.lab import REPO
 from tests.e2e.notebook import LabNotebook
 from tests.grading_helpers import wrong_answers
@@ -27,25 +28,15 @@ CHAPTER = "ch00_big_picture"
 VALIDATE_TIMEOUT_S = 240
 
 
-def cells_with_role(nb: nbformat.NotebookNode, role: str) -> dict[str, tuple[int, str]]:
-    """grade_id -> (cell index, source) of the answer cells or the autograded test cells."""
-    found = {}
-    for index, cell in enumerate(nb.cells):
-        meta = cell.metadata.get("nbgrader", {})
-        is_answer = meta.get("solution") and not meta.get("grade")
-        is_test = meta.get("grade") and not meta.get("solution")
-        if (role == "answer" and is_answer) or (role == "test" and is_test):
-            found[meta["grade_id"]] = (index, cell.source)
-    return found
+def answer_cell_indexes(nb: nbformat.NotebookNode) -> dict[str, int]:
+    """Answer cell grade_id -> its position in the notebook (where the lab types it)."""
+    position = {id(cell): index for index, cell in enumerate(nb.cells)}
+    return {grade_id: position[id(cell)] for grade_id, cell in cells_with_role(nb, "answer").items()}
 
 
 def solution_answers() -> dict[str, str]:
     source = nbformat.read(REPO / "solutions" / CHAPTER / f"{CHAPTER}.ipynb", as_version=4)
-    return {grade_id: text for grade_id, (_, text) in cells_with_role(source, "answer").items()}
-
-
-def first_wrong_answer() -> dict:
-    return wrong_answers(CHAPTER)[0]
+    return {grade_id: cell_source(cell) for grade_id, cell in cells_with_role(source, "answer").items()}
 
 
 def normalised(text: str) -> str:
@@ -65,9 +56,9 @@ def answer_and_validate(page, lab_server, path: str, answers: dict[str, str]) ->
     notebook = LabNotebook(page)
     notebook.open(lab_server.lab_url(path, workspace=re.sub(r"\W+", "-", path)), path)
     release = nbformat.read(lab_server.root / path, as_version=4)
-    answer_cells = cells_with_role(release, "answer")
+    answer_cells = answer_cell_indexes(release)
     assert set(answers) == set(answer_cells), "the answers must fill every answer cell"
-    for grade_id, (index, _) in answer_cells.items():
+    for grade_id, index in answer_cells.items():
         notebook.type_source(index, answers[grade_id])
 
     button = page.locator(".jp-NotebookPanel-toolbar .validate-button")
@@ -92,12 +83,12 @@ def test_validate_passes_with_correct_answers(page, lab_server, student_notebook
     assert "validation-success" in verdict["classes"], verdict["text"][:3000]
     assert "Success! Your notebook passes all the tests." in verdict["text"]
     # Validate saved what was typed: the file on disk holds the answers.
-    for grade_id, (index, _) in verdict["answer_cells"].items():
+    for grade_id, index in verdict["answer_cells"].items():
         assert verdict["saved"].cells[index].source == answers[grade_id]
 
 
 def test_validate_fails_with_a_wrong_answer(page, lab_server, student_notebook):
-    wrong = first_wrong_answer()
+    wrong = wrong_answers(CHAPTER)[0]  # the chapter's first wrong-answer fixture
     answers = {**solution_answers(), **wrong["answers"]}
     verdict = answer_and_validate(page, lab_server, student_notebook, answers)
     assert "validation-failed" in verdict["classes"], verdict["text"][:3000]
@@ -106,7 +97,8 @@ def test_validate_fails_with_a_wrong_answer(page, lab_server, student_notebook):
     # The failures are the test cells of the wrong answer, and nothing else; the error is the
     # course's check message, not a crash.
     release = nbformat.read(REPO / "chapters" / CHAPTER / f"{CHAPTER}.ipynb", as_version=4)
-    tests = {normalised(text): grade_id for grade_id, (_, text) in cells_with_role(release, "test").items()}
+    tests = {normalised(cell_source(cell)): grade_id
+             for grade_id, cell in cells_with_role(release, "test").items()}
     failed = [tests.get(normalised(source), f"<not a test cell: {source[:80]!r}>")
               for source in verdict["failed_sources"]]
     assert set(failed) <= set(wrong["fails"]), (
