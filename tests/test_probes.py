@@ -58,3 +58,100 @@ def test_compare_outputs_infinities_and_normwise():
     want, got = {"x": _t(1000.0, 1e-6)}, {"x": _t(1000.0, 2e-6)}
     assert P.compare_outputs(want, got, default=(1e-6, 0)) is not None  # elementwise: too far
     assert P.compare_outputs(want, got, default=(1e-6, 0), normwise=True) is None  # 1e-6 * 1000
+
+
+# -- the helpers chapters build their probes from ----------------------------------------------------
+
+
+def test_seeded_draws_are_reproducible_and_within_bounds():
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return ([P.randint(g, 2, 4) for _ in range(200)], P.uniform(g, -1.0, 3.0, (500,)),
+                P.powers_of_ten(g, -3, 2, 50), P.log_uniform(g, 0.1, 100.0), P.random_shape(g, 3, 1, 2))
+
+    ints, floats, powers, scale, shape = draws(7)
+    assert set(ints) == {2, 3, 4}  # both ends included
+    assert floats.dtype == P.F64 and -1.0 <= floats.min() and floats.max() < 3.0
+    assert 1e-3 <= powers.min() and powers.max() < 1e2 and 0.1 <= scale <= 100.0
+    assert len(shape) == 3 and set(shape) <= {1, 2} and all(type(s) is int for s in shape)
+    again = draws(7)
+    assert again[0] == ints and torch.equal(again[1], floats) and again[3] == scale
+
+
+def _square(x):
+    return x * x
+
+
+def _square_calls(square, x):
+    out = square(x["x"])
+    return {"out": out, "twice": square(out.clone())}
+
+
+def _square_probe(**options):
+    return P.same_as("ex_square_tests", _square, lambda g: {"x": torch.randn(5, generator=g, dtype=P.F64)},
+                     _square_calls, rtol=1e-12, atol=0, **options)
+
+
+def _verdict(probe, namespace):
+    """The verdict of ``probe`` against the functions in ``namespace``, through the trusted runner."""
+    from grader import trusted_runner
+
+    inputs = P.make_inputs([probe], 3)
+    run = trusted_runner.in_process(namespace, [{"run": probe.run, "forbid": []}], [], inputs)
+    return P.decide([probe], inputs, run["payload"])["ex_square_tests"]
+
+
+def _square_and_clobber(x):
+    y = x * x
+    x.zero_()
+    return y
+
+
+@pytest.mark.parametrize("function, unchanged, passed, reason", [
+    (_square, False, True, ""),
+    (lambda x: x * x + 1e-9, False, False, "differs"),
+    (lambda x: (x * x).float(), False, False, "out: dtype"),  # out* keys keep the reference's dtype
+    (_square_and_clobber, False, True, ""),  # squares right, but changes x...
+    (_square_and_clobber, True, False, "changed its input x"),  # ...which the option catches
+    (_square, True, True, ""),
+])
+def test_same_as_compares_the_students_calls_with_the_references(function, unchanged, passed, reason):
+    verdict = _verdict(_square_probe(check_inputs_unchanged=unchanged), {"_square": function})
+    assert verdict.passed == passed and reason in verdict.reason, verdict
+
+
+def test_same_as_with_args_and_with_a_name():
+    probe = P.same_as("ex_square_tests", _square, lambda g: {"x": torch.randn(4, generator=g)}, args=("x",),
+                      name="square", rtol=0, atol=0)
+    assert _verdict(probe, {"square": lambda x: x**2}).passed
+    assert "raised KeyError" in _verdict(probe, {"_square": _square}).reason
+
+
+def test_probe_runs_travel_without_the_grader_package(tmp_path):
+    """The sandbox has torch and course_lib but no ``grader``: a run made by same_as, wrapped by
+    check_inputs_unchanged, or calling this module's draws must unpickle and run there."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from grader.probes import randint  # as chapters import it: the module itself cannot travel
+
+    probe = _square_probe(check_inputs_unchanged=True)
+    draws = P.Probe("ex_draws_tests", inputs=lambda g: {}, check=lambda x, out: None,
+                    run=lambda ns, x: torch.tensor([randint(torch.Generator().manual_seed(1), 0, 9)]))
+    this_module = sys.modules[__name__]  # importable here, not there: like a chapter's probes.py
+    cloudpickle.register_pickle_by_value(this_module)
+    try:
+        (tmp_path / "runs.pkl").write_bytes(cloudpickle.dumps([probe.run, draws.run]))
+    finally:
+        cloudpickle.unregister_pickle_by_value(this_module)
+    script = ("import pickle, sys, torch\n"
+              "sys.modules['grader'] = None  # as in the sandbox: importing it fails\n"
+              "square, draws = pickle.load(open(sys.argv[1], 'rb'))\n"
+              "out = square({'_square': lambda x: x * x}, {'x': torch.tensor([3.0])})\n"
+              "print(sorted(out), float(out['twice']), int(draws({}, {})[0]) in range(10))\n")
+    found = subprocess.run([sys.executable, "-c", script, str(tmp_path / "runs.pkl")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == f"{[P.INPUT_AFTER + 'x', 'out', 'twice']} 81.0 True"
