@@ -119,22 +119,29 @@ def check_close(actual: Any, expected: Any, *, atol: float = 1e-6, rtol: float =
     nonfinite_mismatch = ~expected_finite & (a64 != e64) & ~(a64.isnan() & e64.isnan())
     bad = over | nonfinite_mismatch
     if bad.any():
-        excess = torch.where(bad, diff - limit, torch.full_like(diff, -math.inf))
-        flat = int(torch.argmax(torch.where(nonfinite_mismatch, torch.full_like(diff, math.inf),
-                                            excess)))
-        index = tuple(int(i) for i in np.unravel_index(flat, tuple(e.shape))) if e.ndim else ()
-        where = f" at index {index}" if index else ""
-        got, want = a64.reshape(-1)[flat].item(), e64.reshape(-1)[flat].item()
-        count = int(bad.sum())
-        message = (f"values differ beyond the tolerance (atol={atol:g}, rtol={rtol:g}) in {count} of "
-                   f"{e.numel()} element(s); worst{where}: expected {want:.6g}, got {got:.6g}")
-        hint = None
-        if e.numel() > 1 and torch.allclose(a64, -e64, atol=atol, rtol=rtol):
-            hint = "every value has the wrong sign."
-        elif e.numel() > 1 and e.ndim == 2 and e.shape[0] == e.shape[1] and torch.allclose(
-                a64.T, e64, atol=atol, rtol=rtol):
-            hint = "the result is the transpose of what was expected."
-        _fail(name, message, hint)
+        _fail_values(a64, e64, bad, diff - limit, nonfinite_mismatch, atol, rtol, name)
+
+
+def _fail_values(a64: torch.Tensor, e64: torch.Tensor, bad: torch.Tensor, excess: torch.Tensor,
+                 nonfinite_mismatch: torch.Tensor, atol: float, rtol: float, name: str) -> None:
+    """:func:`check_close`'s failure: how many elements are off, the worst one (a non-finite
+    mismatch first, else the largest excess over the tolerance), and a hint when the whole answer
+    is the negated or transposed expectation."""
+    excess = torch.where(bad, excess, torch.full_like(excess, -math.inf))
+    flat = int(torch.argmax(torch.where(nonfinite_mismatch, torch.full_like(excess, math.inf), excess)))
+    index = tuple(int(i) for i in np.unravel_index(flat, tuple(e64.shape))) if e64.ndim else ()
+    where = f" at index {index}" if index else ""
+    got, want = a64.reshape(-1)[flat].item(), e64.reshape(-1)[flat].item()
+    count = int(bad.sum())
+    message = (f"values differ beyond the tolerance (atol={atol:g}, rtol={rtol:g}) in {count} of "
+               f"{e64.numel()} element(s); worst{where}: expected {want:.6g}, got {got:.6g}")
+    hint = None
+    if e64.numel() > 1 and torch.allclose(a64, -e64, atol=atol, rtol=rtol):
+        hint = "every value has the wrong sign."
+    elif e64.numel() > 1 and e64.ndim == 2 and e64.shape[0] == e64.shape[1] and torch.allclose(
+            a64.T, e64, atol=atol, rtol=rtol):
+        hint = "the result is the transpose of what was expected."
+    _fail(name, message, hint)
 
 
 def check_equal(actual: Any, expected: Any, name: str = "result") -> None:
@@ -166,6 +173,19 @@ def check_true(condition: bool, message: str, hint: str | None = None, name: str
     """Fail with ``message`` unless ``condition`` holds."""
     if not bool(condition):
         _fail(name, message, hint)
+
+
+def check_trajectory(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+                     name: str) -> None:
+    """Fail at the first step after which the parameters of ``actual`` and ``expected`` differ
+    beyond ``|a - e| <= atol + rtol * |e|``: two optimizers' paths, ``(steps + 1, n_params)``
+    with row 0 the start, as :func:`course_lib.optimizers.optimizer_trajectory` records them."""
+    check_type(actual, torch.Tensor, name)
+    check_shape(actual, expected.shape, f"{name} (steps + 1, parameters)")
+    for step in range(len(expected)):
+        check_close(actual[step], expected[step], atol=atol, rtol=rtol,
+                    name=f"{name}: the parameters after step {step}" if step
+                    else f"{name}: the starting parameters (the optimizer's constructor changed them)")
 
 
 # ---------------------------------------------------------------------------------------------

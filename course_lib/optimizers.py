@@ -13,7 +13,7 @@
 - :func:`clip_grad_norm_`, the global-norm clipping of ``torch.nn.utils.clip_grad_norm_``.
 - :func:`optimizer_trajectory`: run any optimizer on a small seeded problem and record the
   parameters after every step, so two optimizers can be compared step by step
-  (:func:`check_trajectory` reports the first step at which they part).
+  (:func:`course_lib.checks.check_trajectory` reports the first step at which they part).
 
 Conventions: ``step`` counts the optimizer updates already taken, so ``lr(step)`` is the learning
 rate of update number ``step + 1``; this is what ``torch.optim.lr_scheduler.LambdaLR`` passes to
@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-
-from course_lib.checks import check_close, check_shape, check_type
 
 Params = Iterable[torch.Tensor] | Iterable[dict]
 MakeOptimizer = Callable[..., torch.optim.Optimizer]
@@ -489,16 +487,3 @@ def optimizer_trajectory(make_optimizer: Callable[[list[torch.Tensor]], torch.op
         opt.step()
         snapshots.append(torch.cat([p.detach().reshape(-1) for p in params]).clone())
     return torch.stack(snapshots)
-
-
-def check_trajectory(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
-                     name: str) -> None:
-    """Fail (with a :mod:`course_lib.checks` message) at the first step after which the
-    parameters of ``actual`` and ``expected`` (both from :func:`optimizer_trajectory`) differ
-    beyond ``|a - e| <= atol + rtol * |e|``."""
-    check_type(actual, torch.Tensor, name)
-    check_shape(actual, expected.shape, f"{name} (steps + 1, parameters)")
-    for step in range(len(expected)):
-        check_close(actual[step], expected[step], atol=atol, rtol=rtol,
-                    name=f"{name}: the parameters after step {step}" if step
-                    else f"{name}: the starting parameters (the optimizer's constructor changed them)")

@@ -308,36 +308,17 @@ def learn_merges(chunk_counts: dict[str, int] | Counter[str], num_merges: int) -
     """
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for index, (word, freq) in enumerate(zip(words, freqs, strict=True)):
-        for pair in zip(word, word[1:], strict=False):
-            pair_counts[pair] += freq
-            where[pair].add(index)
+    pair_counts, where = _count_pairs(words, freqs)
     heap = [(-count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []
     while len(merges) < num_merges:
-        while heap:
-            negative, pair = heapq.heappop(heap)
-            if pair_counts.get(pair, 0) == -negative:
-                break
-        else:
+        pair = _pop_most_frequent(heap, pair_counts)
+        if pair is None:
             break  # no pair left anywhere: every chunk is a single token
         new_id = 256 + len(merges)
         merges.append(pair)
-        changed: dict[tuple[int, int], int] = defaultdict(int)
-        for index in where.pop(pair):
-            word, freq = words[index], freqs[index]
-            merged = merge_pair(word, pair, new_id)
-            if len(merged) == len(word):
-                continue  # an index left over from before an earlier merge changed this chunk
-            for old in zip(word, word[1:], strict=False):
-                changed[old] -= freq
-            for new in zip(merged, merged[1:], strict=False):
-                changed[new] += freq
-                where[new].add(index)
-            words[index] = merged
+        changed = _merge_in_chunks(words, freqs, where, pair, new_id)
         for changed_pair, delta in changed.items():
             if delta:
                 count = pair_counts[changed_pair] + delta
@@ -346,6 +327,48 @@ def learn_merges(chunk_counts: dict[str, int] | Counter[str], num_merges: int) -
                     heapq.heappush(heap, (-count, changed_pair))
         pair_counts.pop(pair, None)
     return merges
+
+
+def _count_pairs(words: list[list[int]], freqs: list[int]
+                 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], set[int]]]:
+    """How often each adjacent pair occurs (weighted by its chunk's frequency), and in which chunks."""
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for index, (word, freq) in enumerate(zip(words, freqs, strict=True)):
+        for pair in zip(word, word[1:], strict=False):
+            pair_counts[pair] += freq
+            where[pair].add(index)
+    return pair_counts, where
+
+
+def _pop_most_frequent(heap: list[tuple[int, tuple[int, int]]],
+                       pair_counts: dict[tuple[int, int], int]) -> tuple[int, int] | None:
+    """The most frequent pair (the smallest on ties: the heap orders ``(-count, pair)``), skipping
+    stale entries; None when no pair is left."""
+    while heap:
+        negative, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) == -negative:
+            return pair
+    return None
+
+
+def _merge_in_chunks(words: list[list[int]], freqs: list[int], where: dict[tuple[int, int], set[int]],
+                     pair: tuple[int, int], new_id: int) -> dict[tuple[int, int], int]:
+    """Merge ``pair`` into ``new_id`` in every chunk that holds it (``words`` and ``where`` updated
+    in place); return how much each pair's count changed."""
+    changed: dict[tuple[int, int], int] = defaultdict(int)
+    for index in where.pop(pair):
+        word, freq = words[index], freqs[index]
+        merged = merge_pair(word, pair, new_id)
+        if len(merged) == len(word):
+            continue  # an index left over from before an earlier merge changed this chunk
+        for old in zip(word, word[1:], strict=False):
+            changed[old] -= freq
+        for new in zip(merged, merged[1:], strict=False):
+            changed[new] += freq
+            where[new].add(index)
+        words[index] = merged
+    return changed
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -20,6 +20,7 @@ from course_lib.checks import (
     check_type,
     forbidden,
 )
+from course_lib.optimizers import optimizer_trajectory
 
 
 def _message(call, *args, **kwargs) -> str:
@@ -405,3 +406,17 @@ def test_resolve_splits_module_and_attribute():
     assert owner is torch.nn.functional and attr == "cross_entropy"
     owner, attr = checks.resolve("torch.Tensor.sum")
     assert owner is torch.Tensor and attr == "sum"
+
+
+# -- check_trajectory: chapter 4's step-by-step comparison of two optimizers ----------------------
+
+
+def test_check_trajectory_names_the_first_step_that_differs():
+    expected = optimizer_trajectory(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 12)
+    checks.check_trajectory(expected.clone(), expected, atol=0, rtol=0, name="same")
+    wrong = expected.clone()
+    wrong[7:, 3] += 1e-6
+    with pytest.raises(CheckFailed, match="after step 7"):
+        checks.check_trajectory(wrong, expected, atol=1e-10, rtol=1e-10, name="SGD")
+    with pytest.raises(CheckFailed, match="shape"):
+        checks.check_trajectory(expected[:5], expected, atol=1e-10, rtol=1e-10, name="SGD")
