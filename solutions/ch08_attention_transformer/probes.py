@@ -8,19 +8,11 @@ import torch
 
 from course_lib import attention as ref
 from course_lib.gpt import Block, GPTConfig
-from grader.probes import Probe, checker
+from grader.probes import F32, F64, randint, same_as
 
-F32, F64 = torch.float32, torch.float64
-
-
-def _randint(g, low, high):
-    """One integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
-def _checker(reference, tolerances=None):
-    """Outputs against ``reference(inputs)``, normwise (each entry is a weighted sum)."""
-    return checker(reference, tolerances, (1e-9, 1e-12), normwise=True)
+# Every output entry is a weighted sum: compared normwise (against the largest entry), float64
+# to rounding; the float32 cases (``out32``) get their own tolerances.
+WEIGHTED_SUMS = {"rtol": 1e-9, "atol": 1e-12, "normwise": True}
 
 
 # -- exercise 1: scaled dot-product attention ------------------------------------------------------
@@ -32,10 +24,10 @@ SDPA_PLAN = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True)
 def _sdpa_inputs(g):
     x = {}
     for i, (kind, causal) in enumerate(SDPA_PLAN):
-        b, h = _randint(g, 1, 3), _randint(g, 1, 3)
-        tq = _randint(g, 1, 9)
-        tk = tq if causal else _randint(g, 1, 9)
-        d, dv = _randint(g, 1, 16), _randint(g, 1, 8)
+        b, h = randint(g, 1, 3), randint(g, 1, 3)
+        tq = randint(g, 1, 9)
+        tk = tq if causal else randint(g, 1, 9)
+        d, dv = randint(g, 1, 16), randint(g, 1, 8)
         x[f"q{i}"] = torch.randn(b, h, tq, d, generator=g, dtype=F64) * (3.0 if i == 5 else 1.0)
         x[f"k{i}"] = torch.randn(b, h, tk, d, generator=g, dtype=F64)
         x[f"v{i}"] = torch.randn(b, h, tk, dv, generator=g, dtype=F64)
@@ -54,8 +46,8 @@ def _sdpa_inputs(g):
 def _sdpa_outputs(f, x):
     out = {}
     for i in range(len(SDPA_PLAN)):
-        kind, causal = (int(v) for v in x[f"cfg{i}"])
-        out[f"out{i}"] = f(x[f"q{i}"], x[f"k{i}"], x[f"v{i}"], mask=x.get(f"mask{i}"), is_causal=bool(causal))
+        causal = bool(x[f"cfg{i}"][1])
+        out[f"out{i}"] = f(x[f"q{i}"], x[f"k{i}"], x[f"v{i}"], mask=x.get(f"mask{i}"), is_causal=causal)
     out["out32"] = f(x["q32"], x["k32"], x["v32"], is_causal=True)
     return out
 
@@ -68,10 +60,10 @@ MHA_CASES = 5
 def _mha_inputs(g):
     x = {}
     for i in range(MHA_CASES):
-        h = _randint(g, 1, 4)
-        c = h * _randint(g, 1, 5)
-        t = _randint(g, 1, 8)
-        x[f"x{i}"] = torch.randn(_randint(g, 1, 3), t, c, generator=g, dtype=F64)
+        h = randint(g, 1, 4)
+        c = h * randint(g, 1, 5)
+        t = randint(g, 1, 8)
+        x[f"x{i}"] = torch.randn(randint(g, 1, 3), t, c, generator=g, dtype=F64)
         for name in ("w_q", "w_k", "w_v", "w_o"):
             x[f"{name}{i}"] = torch.randn(c, c, generator=g, dtype=F64) / c**0.5
         for name in ("b_q", "b_k", "b_v", "b_o"):
@@ -98,9 +90,9 @@ ROPE_CASES = 4
 def _rope_inputs(g):
     x = {}
     for i in range(ROPE_CASES):
-        d = 2 * _randint(g, 1, 12)
-        t = _randint(g, 1, 10)
-        batch, heads = _randint(g, 1, 2), _randint(g, 1, 3)
+        d = 2 * randint(g, 1, 12)
+        t = randint(g, 1, 10)
+        batch, heads = randint(g, 1, 2), randint(g, 1, 3)
         x[f"x{i}"] = torch.randn(batch, heads, t, d, generator=g, dtype=F64)
         x[f"pos{i}"] = torch.randperm(400, generator=g)[:t] if i else torch.arange(t)
         base = 10000.0 if i < 2 else 10.0 ** (1 + 5 * float(torch.rand(1, generator=g)))
@@ -125,8 +117,8 @@ BLOCK_CASES = 3
 def _block_inputs(g):
     x = {}
     for i in range(BLOCK_CASES):
-        h = _randint(g, 1, 4)
-        c = h * _randint(g, 1, 4)
+        h = randint(g, 1, 4)
+        c = h * randint(g, 1, 4)
         block = Block(GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=h, n_embd=c))
         for name, p in block.named_parameters():
             if name.startswith("ln") and name.endswith("weight"):
@@ -136,7 +128,7 @@ def _block_inputs(g):
             else:
                 value = torch.randn(p.shape, generator=g, dtype=F64) / p.shape[1] ** 0.5
             x[f"b{i}:{name}"] = value
-        x[f"x{i}"] = 2 * torch.randn(_randint(g, 1, 3), _randint(g, 1, 10), c, generator=g, dtype=F64)
+        x[f"x{i}"] = 2 * torch.randn(randint(g, 1, 3), randint(g, 1, 10), c, generator=g, dtype=F64)
         x[f"cfg{i}"] = torch.tensor([h])
     return x
 
@@ -151,28 +143,10 @@ def _block_outputs(f, x):
 
 
 PROBES = [
-    Probe(
-        "ex1_attention_tests",
-        inputs=_sdpa_inputs,
-        run=lambda ns, x: _sdpa_outputs(ns["scaled_dot_product_attention"], x),
-        check=_checker(lambda x: _sdpa_outputs(ref.scaled_dot_product_attention, x), {"out32": (1e-5, 1e-6)}),
-    ),
-    Probe(
-        "ex2_multi_head_tests",
-        inputs=_mha_inputs,
-        run=lambda ns, x: _mha_outputs(ns["multi_head_attention"], x),
-        check=_checker(lambda x: _mha_outputs(ref.multi_head_attention, x)),
-    ),
-    Probe(
-        "ex3_rope_tests",
-        inputs=_rope_inputs,
-        run=lambda ns, x: _rope_outputs(ns["apply_rope"], x),
-        check=_checker(lambda x: _rope_outputs(ref.apply_rope, x), {"out32": (1e-5, 1e-6)}),
-    ),
-    Probe(
-        "ex4_block_tests",
-        inputs=_block_inputs,
-        run=lambda ns, x: _block_outputs(ns["transformer_block"], x),
-        check=_checker(lambda x: _block_outputs(ref.transformer_block, x)),
-    ),
+    same_as("ex1_attention_tests", ref.scaled_dot_product_attention, _sdpa_inputs, _sdpa_outputs,
+            tolerances={"out32": (1e-5, 1e-6)}, **WEIGHTED_SUMS),
+    same_as("ex2_multi_head_tests", ref.multi_head_attention, _mha_inputs, _mha_outputs, **WEIGHTED_SUMS),
+    same_as("ex3_rope_tests", ref.apply_rope, _rope_inputs, _rope_outputs,
+            tolerances={"out32": (1e-5, 1e-6)}, **WEIGHTED_SUMS),
+    same_as("ex4_block_tests", ref.transformer_block, _block_inputs, _block_outputs, **WEIGHTED_SUMS),
 ]
