@@ -46,8 +46,10 @@ draws that recur (:func:`randint`, :func:`uniform`, :func:`log_uniform`, :func:`
     ]
 
 Everything ``run`` reaches is sent to the sandbox with cloudpickle, where the ``grader`` package
-does not exist: this module is pickled by value (see the end of the imports), so its helpers may
-be called from ``run``; grader.trusted_runner's functions (``as_tensors``) may not.
+does not exist: this module's functions are pickled by value (see the end of the imports), so
+``run`` may call the helpers imported by name (``from grader.probes import randint``), but not
+through the module object (``probes.randint``: a module is pickled by reference), and not
+grader.trusted_runner's functions (``as_tensors``).
 """
 
 from __future__ import annotations

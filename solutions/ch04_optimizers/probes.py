@@ -3,23 +3,21 @@
 import torch
 
 from course_lib import optimizers as ref
-from grader.probes import Probe, as_tensors, compare_outputs
+from grader.probes import (
+    F32,
+    F64,
+    Probe,
+    as_tensors,
+    compare_outputs,
+    powers_of_ten,
+    randint,
+    random_shape,
+    same_as,
+    uniform,
+)
 
-F32, F64 = torch.float32, torch.float64
 SHAPES = [(4, 6), (6,), (6, 3), (3,)]  # W1, b1, W2, b2 of a small network
 STEPS = 30
-
-
-def _uniform(g, low, high, n=()):
-    return low + (high - low) * torch.rand(n, generator=g, dtype=F64)
-
-
-def _log_uniform(g, low_exp, high_exp, n=()):
-    return 10 ** _uniform(g, low_exp, high_exp, n)
-
-
-def _int(g, low, high):
-    return int(torch.randint(low, high, (1,), generator=g))
 
 
 # -- exercises 1 and 2: the optimizers, driven through a run a real training loop would make -----
@@ -32,9 +30,9 @@ def _run_inputs(g, grad_scales):
     for i, (s, scale) in enumerate(zip(SHAPES, grad_scales, strict=True)):
         x[f"grad{i}"] = scale * torch.randn(STEPS, *s, generator=g, dtype=F64)
         x[f"cgrad{i}"] = scale * torch.randn(s, generator=g, dtype=F64)
-    x["lr_factor"] = _uniform(g, 0.2, 1.5, STEPS)
-    x["reload_at"] = torch.tensor(_int(g, 5, 26))
-    x["closure_loss"] = _uniform(g, 0.1, 10.0)
+    x["lr_factor"] = uniform(g, 0.2, 1.5, STEPS)
+    x["reload_at"] = torch.tensor(randint(g, 5, 25))
+    x["closure_loss"] = uniform(g, 0.1, 10.0)
     return x
 
 
@@ -67,11 +65,11 @@ def _drive(make, x, idle):
 
 
 def _sgd_inputs(g):
-    x = _run_inputs(g, _log_uniform(g, -1, 1, 4).tolist())
+    x = _run_inputs(g, powers_of_ten(g, -1, 1, 4).tolist())
     # lr, momentum (group 0), lr and momentum of the Nesterov group, weight decay (all groups)
-    x["hyper"] = torch.stack([_uniform(g, 0.01, 0.1), _uniform(g, 0.5, 0.95), _uniform(g, 0.01, 0.1),
-                              _uniform(g, 0.5, 0.95), _uniform(g, 0.01, 0.2)])
-    x["idle"] = torch.tensor([_int(g, 1, 9), 0, 0, _int(g, 1, 16)])  # W1 (momentum), b2 (none)
+    x["hyper"] = torch.stack([uniform(g, 0.01, 0.1), uniform(g, 0.5, 0.95), uniform(g, 0.01, 0.1),
+                              uniform(g, 0.5, 0.95), uniform(g, 0.01, 0.2)])
+    x["idle"] = torch.tensor([randint(g, 1, 8), 0, 0, randint(g, 1, 15)])  # W1 (momentum), b2 (none)
     return x
 
 
@@ -89,15 +87,15 @@ def _sgd(cls, x):
 
 def _adam_inputs(g):
     # W1's gradients are tiny (where eps matters), the others of ordinary sizes.
-    x = _run_inputs(g, [float(_log_uniform(g, -9, -7))] + _log_uniform(g, -1, 1, 3).tolist())
+    x = _run_inputs(g, [float(powers_of_ten(g, -9, -7))] + powers_of_ten(g, -1, 1, 3).tolist())
     # lr, beta1, beta2, eps, weight decay: the defaults (row 0) and the override of group 1 (row 1)
     x["hyper"] = torch.stack([
-        torch.stack([_uniform(g, 0.005, 0.05), _uniform(g, 0.0, 0.95), _uniform(g, 0.9, 0.999),
-                     _log_uniform(g, -9, -7), _uniform(g, 0.01, 0.2)]),
-        torch.stack([_uniform(g, 0.005, 0.05), _uniform(g, 0.5, 0.9), _uniform(g, 0.9, 0.99),
-                     _log_uniform(g, -3, -1), _uniform(g, 0.01, 0.2)]),
+        torch.stack([uniform(g, 0.005, 0.05), uniform(g, 0.0, 0.95), uniform(g, 0.9, 0.999),
+                     powers_of_ten(g, -9, -7), uniform(g, 0.01, 0.2)]),
+        torch.stack([uniform(g, 0.005, 0.05), uniform(g, 0.5, 0.9), uniform(g, 0.9, 0.99),
+                     powers_of_ten(g, -3, -1), uniform(g, 0.01, 0.2)]),
     ])
-    x["idle"] = torch.tensor([_int(g, 1, 9), _int(g, 1, 16), 0, 0])  # W1 and b1 join late
+    x["idle"] = torch.tensor([randint(g, 1, 8), randint(g, 1, 15), 0, 0])  # W1 and b1 join late
     return x
 
 
@@ -123,16 +121,16 @@ def _adam(cls, x):
 def _schedule_inputs(g):
     settings = []
     for i in range(8):
-        warmup = 0 if i == 0 else _int(g, 1, 61)
-        total = warmup + (1 if i == 1 else _int(g, 1, 301))
-        base = float(_log_uniform(g, -5, 0.5))
-        low = 0.0 if i == 2 else base * float(_uniform(g, 0.0, 0.5))
+        warmup = 0 if i == 0 else randint(g, 1, 60)
+        total = warmup + (1 if i == 1 else randint(g, 1, 300))
+        base = float(powers_of_ten(g, -5, 0.5))
+        low = 0.0 if i == 2 else base * float(uniform(g, 0.0, 0.5))
         settings.append([base, warmup, total, low])
-    total = _int(g, 1, 50)
-    invalid = [[-_int(g, 1, 5), 1.0, 0, 10],              # a negative step
-               [0, 1.0, total, total],                    # warmup_steps == total_steps
-               [0, 1.0, total + _int(g, 1, 10), total],   # warmup_steps > total_steps
-               [_int(g, 0, 5), 1.0, -_int(g, 1, 5), 10]]  # negative warmup_steps
+    total = randint(g, 1, 49)
+    invalid = [[-randint(g, 1, 4), 1.0, 0, 10],                 # a negative step
+               [0, 1.0, total, total],                        # warmup_steps == total_steps
+               [0, 1.0, total + randint(g, 1, 9), total],     # warmup_steps > total_steps
+               [randint(g, 0, 4), 1.0, -randint(g, 1, 4), 10]]  # negative warmup_steps
     return {"settings": torch.tensor(settings, dtype=F64), "invalid": torch.tensor(invalid, dtype=F64)}
 
 
@@ -174,11 +172,11 @@ CLIP_CASES = [(F64, 1.0, 0.5, "generator"), (F32, 1e3, 1.0, "list"), (F64, 1e-3,
 def _clip_inputs(g):
     x = {}
     for c, (dtype, scale, max_norm, how) in enumerate(CLIP_CASES):
-        n = 1 if how == "tensor" else 0 if how == "no gradient" else _int(g, 2, 5)
+        n = 1 if how == "tensor" else 0 if how == "no gradient" else randint(g, 2, 4)
         for i in range(n):
-            shape = torch.randint(1, 9, (_int(g, 1, 3),), generator=g).tolist()
+            shape = random_shape(g, randint(g, 1, 2), 1, 8)
             x[f"c{c}_g{i}"] = (scale * torch.randn(shape, generator=g, dtype=F64)).to(dtype)
-        x[f"c{c}_max"] = max_norm * _uniform(g, 0.5, 2.0)
+        x[f"c{c}_max"] = max_norm * uniform(g, 0.5, 2.0)
     return x
 
 
@@ -207,22 +205,8 @@ def _clip_check(x, got):
 
 
 PROBES = [
-    Probe(
-        "ex1_sgd_tests",
-        inputs=_sgd_inputs,
-        run=lambda ns, x: _sgd(ns["SGD"], x),
-        expected=lambda x: _sgd(ref.SGD, x),
-        rtol=1e-8,
-        atol=1e-10,
-    ),
-    Probe(
-        "ex2_adam_tests",
-        inputs=_adam_inputs,
-        run=lambda ns, x: _adam(ns["Adam"], x),
-        expected=lambda x: _adam(ref.Adam, x),
-        rtol=1e-8,
-        atol=1e-10,
-    ),
+    same_as("ex1_sgd_tests", ref.SGD, _sgd_inputs, _sgd, rtol=1e-8, atol=1e-10),
+    same_as("ex2_adam_tests", ref.Adam, _adam_inputs, _adam, rtol=1e-8, atol=1e-10),
     Probe(
         "ex3_warmup_cosine_tests",
         inputs=_schedule_inputs,

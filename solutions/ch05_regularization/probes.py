@@ -5,13 +5,7 @@ import math
 import torch
 
 from course_lib import regularization as ref
-from grader.probes import Probe, compare_outputs
-
-F32, F64 = torch.float32, torch.float64
-
-
-def _uniform(g, low, high, n=()):
-    return low + (high - low) * torch.rand(n, generator=g, dtype=F64)
+from grader.probes import F32, F64, Probe, compare_outputs, uniform
 
 
 def _seeds(g, n):
@@ -38,9 +32,9 @@ GRID = 32  # losses on a grid of 1/32: ties with the best and improvements of ex
 
 def _early_inputs(g):
     t = torch.arange(EPOCHS, dtype=F64)
-    turn = _uniform(g, 5, 30, (CURVES, 1))
-    curve = 1 + _uniform(g, 0.0, 0.004, (CURVES, 1)) * (t - turn) ** 2
-    noise = _uniform(g, 0.0, 0.08, (CURVES, 1)) * torch.randn(CURVES, EPOCHS, generator=g, dtype=F64)
+    turn = uniform(g, 5, 30, (CURVES, 1))
+    curve = 1 + uniform(g, 0.0, 0.004, (CURVES, 1)) * (t - turn) ** 2
+    noise = uniform(g, 0.0, 0.08, (CURVES, 1)) * torch.randn(CURVES, EPOCHS, generator=g, dtype=F64)
     losses = torch.round((curve + noise) * GRID) / GRID
     losses[torch.rand(CURVES, EPOCHS, generator=g) < 0.04] = math.nan
     return {
@@ -85,15 +79,15 @@ def _early_check(x, out):
 
 def _dropout_inputs(g):
     return {
-        "x": _uniform(g, 0.5, 20.0) * torch.randn(200, 150, generator=g, dtype=F64),
+        "x": uniform(g, 0.5, 20.0) * torch.randn(200, 150, generator=g, dtype=F64),
         "x32": torch.randn(100, 120, generator=g),
-        "p": torch.stack([_uniform(g, 0.05, 0.3), _uniform(g, 0.4, 0.6), _uniform(g, 0.7, 0.9)]),
+        "p": torch.stack([uniform(g, 0.05, 0.3), uniform(g, 0.4, 0.6), uniform(g, 0.7, 0.9)]),
         "seeds": _seeds(g, 6),
     }
 
 
 def _dropout_run(ns, x):
-    f, p, s, original = ns["dropout"], [float(v) for v in x["p"]], x["seeds"], x["x"].clone()
+    f, p, s = ns["dropout"], [float(v) for v in x["p"]], x["seeds"]
     out = {f"out{i}": f(x["x"], p[i], training=True, generator=_gen(s[i])) for i in range(3)}
     out["out32"] = f(x["x32"], p[0], generator=_gen(s[3]))
     small = x["x"][:20]
@@ -105,7 +99,6 @@ def _dropout_run(ns, x):
     grad_out = f(leaf, p[1], training=True, generator=_gen(s[5]))
     grad_out.sum().backward()
     out["grad_out"], out["grad"] = grad_out, leaf.grad
-    out["x_unchanged"] = torch.tensor(float(torch.equal(x["x"], original)))
     return out
 
 
@@ -127,8 +120,6 @@ def _dropout_one(x, out, p, what):
 
 
 def _dropout_check(x, out):
-    if out["x_unchanged"].item() != 1.0:
-        return "dropout changed its input x"
     p = x["p"].tolist()
     for i in range(3):
         if (reason := _dropout_one(x["x"], out[f"out{i}"], p[i], f"p={p[i]:.3f}")) is not None:
@@ -157,7 +148,7 @@ CASES = [("xavier", "normal"), ("xavier", "uniform"), ("he", "normal"), ("he", "
 
 def _init_inputs(g):
     small = torch.randint(80, 121, (len(CASES),), generator=g)
-    large = torch.round(small * _uniform(g, 1.5, 2.5, len(CASES))).long()
+    large = torch.round(small * uniform(g, 1.5, 2.5, len(CASES))).long()
     swap = torch.rand(len(CASES), generator=g) < 0.5
     swap[2], swap[3] = False, True  # He is checked with fan_in < fan_out and with fan_in > fan_out
     return {"fan_in": torch.where(swap, large, small), "fan_out": torch.where(swap, small, large),
@@ -213,16 +204,16 @@ BN_RUNS = [(16, 5, 3), (2, 7, 2)]  # (N, C, training steps), each followed by on
 def _bn_inputs(g):
     x = {}
     for r, (n, c, steps) in enumerate(BN_RUNS):
-        x[f"x{r}"] = _uniform(g, 0.5, 5.0) * torch.randn(steps + 1, n, c, generator=g, dtype=F64) \
+        x[f"x{r}"] = uniform(g, 0.5, 5.0) * torch.randn(steps + 1, n, c, generator=g, dtype=F64) \
             + 3 * torch.randn(c, generator=g, dtype=F64)
         x[f"gamma{r}"] = torch.randn(c, generator=g, dtype=F64)
         x[f"beta{r}"] = torch.randn(c, generator=g, dtype=F64)
         x[f"rm{r}"] = torch.randn(c, generator=g, dtype=F64)
-        x[f"rv{r}"] = _uniform(g, 0.5, 2.0, c)
-    x["momentum"], x["eps"] = _uniform(g, 0.05, 0.5), 10 ** _uniform(g, -5, -2)
+        x[f"rv{r}"] = uniform(g, 0.5, 2.0, c)
+    x["momentum"], x["eps"] = uniform(g, 0.05, 0.5), 10 ** uniform(g, -5, -2)
     x["big"] = 1e4 + torch.randn(64, 3, generator=g)  # float32 around 1e4, spread 1
     x["gx"] = torch.randn(12, 4, generator=g, dtype=F64)
-    x["gg"] = _uniform(g, 0.5, 1.5, 4)
+    x["gg"] = uniform(g, 0.5, 1.5, 4)
     x["gb"] = torch.randn(4, generator=g, dtype=F64)
     x["up"] = torch.randn(12, 4, generator=g, dtype=F64)
     return x
@@ -247,19 +238,10 @@ def _bn_all(f, x):
     return out
 
 
-def _bn_run(ns, x):
-    originals = {k: v.clone() for k, v in x.items()}
-    out = _bn_all(ns["batch_norm"], x)
-    out["inputs_unchanged"] = torch.tensor(float(all(torch.equal(x[k], v) for k, v in originals.items())))
-    return out
-
-
 def _bn_check(x, out):
-    if "inputs_unchanged" in out and out["inputs_unchanged"].item() != 1.0:
-        return "batch_norm changed one of its inputs"
+    # The float32 case against the reference in float64: the answer's rounding is judged, not ours.
     want = _bn_all(ref.batch_norm, {k: v.double() if k == "big" else v for k, v in x.items()})
     want["out_big"], want["rv_big"] = want["out_big"].float(), want["rv_big"].float()
-    want["inputs_unchanged"] = torch.tensor(1.0, dtype=F64)
     return compare_outputs(want, out, {"out_big": (0, 1e-2), "rv_big": (0, 1e-2)}, (1e-9, 1e-10))
 
 
@@ -275,12 +257,12 @@ def _ln_inputs(g):
     x = {}
     for i, (shape, norm, affine, _) in enumerate(LN_CASES):
         dims = [norm] if isinstance(norm, int) else list(norm)
-        scale = 1e-3 if i == len(LN_CASES) - 1 else _uniform(g, 0.5, 50.0)  # tiny: eps matters
-        x[f"x{i}"] = scale * torch.randn(*shape, generator=g, dtype=F64) + _uniform(g, -5.0, 5.0)
+        scale = 1e-3 if i == len(LN_CASES) - 1 else uniform(g, 0.5, 50.0)  # tiny: eps matters
+        x[f"x{i}"] = scale * torch.randn(*shape, generator=g, dtype=F64) + uniform(g, -5.0, 5.0)
         if affine:
             x[f"w{i}"] = torch.randn(*dims, generator=g, dtype=F64)
             x[f"b{i}"] = torch.randn(*dims, generator=g, dtype=F64)
-    x["eps"] = 10 ** _uniform(g, -4, -2)
+    x["eps"] = 10 ** uniform(g, -4, -2)
     x["big"] = 1e4 + torch.randn(6, 256, generator=g)  # float32 around 1e4, spread 1
     x["gx"] = torch.randn(4, 6, generator=g, dtype=F64)
     x["gw"] = torch.randn(6, generator=g, dtype=F64)
@@ -301,19 +283,9 @@ def _ln_all(f, x):
     return out
 
 
-def _ln_run(ns, x):
-    originals = {k: v.clone() for k, v in x.items()}
-    out = _ln_all(ns["layer_norm"], x)
-    out["inputs_unchanged"] = torch.tensor(float(all(torch.equal(x[k], v) for k, v in originals.items())))
-    return out
-
-
 def _ln_check(x, out):
-    if "inputs_unchanged" in out and out["inputs_unchanged"].item() != 1.0:
-        return "layer_norm changed one of its inputs"
     want = _ln_all(ref.layer_norm, {k: v.double() if k == "big" else v for k, v in x.items()})
     want["out_big"] = want["out_big"].float()
-    want["inputs_unchanged"] = torch.tensor(1.0, dtype=F64)
     return compare_outputs(want, out, {"out_big": (0, 1e-2)}, (1e-9, 1e-10))
 
 
@@ -324,8 +296,11 @@ PROBES = [
         run=lambda ns, x: _early_trace(ns["EarlyStopping"], x),
         check=_early_check,
     ),
-    Probe("ex2_dropout_tests", inputs=_dropout_inputs, run=_dropout_run, check=_dropout_check),
+    Probe("ex2_dropout_tests", inputs=_dropout_inputs, run=_dropout_run, check=_dropout_check,
+          check_inputs_unchanged=True),
     Probe("ex3_init_tests", inputs=_init_inputs, run=_init_run, check=_init_check),
-    Probe("ex4_batch_norm_tests", inputs=_bn_inputs, run=_bn_run, check=_bn_check),
-    Probe("ex5_layer_norm_tests", inputs=_ln_inputs, run=_ln_run, check=_ln_check),
+    Probe("ex4_batch_norm_tests", inputs=_bn_inputs, run=lambda ns, x: _bn_all(ns["batch_norm"], x),
+          check=_bn_check, check_inputs_unchanged=True),
+    Probe("ex5_layer_norm_tests", inputs=_ln_inputs, run=lambda ns, x: _ln_all(ns["layer_norm"], x),
+          check=_ln_check, check_inputs_unchanged=True),
 ]

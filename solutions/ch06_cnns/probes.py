@@ -9,26 +9,10 @@ import math
 import torch
 
 from course_lib import cnn as ref
-from grader.probes import Probe, checker
+from grader.probes import F32, F64, log_uniform, randint, same_as
 
-F32, F64 = torch.float32, torch.float64
-
-
-def _randint(g, low, high):
-    """One integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
-def _scale(g, low, high):
-    """A log-uniform scale in [low, high]."""
-    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(1, generator=g)))
-
-
-def _checker(reference, tolerances=None, default=(1e-9, 1e-12)):
-    """A ``check=``: the outputs against ``reference(inputs)``, normwise (convolutions sum many
-    terms, so an entry's rounding scales with the largest one)."""
-    return checker(reference, tolerances, default, normwise=True)
-
+# Floats are compared normwise: convolutions sum many terms, so an entry's rounding scales with
+# the largest one.
 
 # -- exercise 1: convolution as im2col + matmul ---------------------------------------------------
 
@@ -37,17 +21,17 @@ CONV_CASES = 5  # the last one in float32
 
 def _conv_case(g, i, dtype):
     """One random configuration; case 1 has no bias, case 2 different strides/paddings per axis."""
-    kh, kw = _randint(g, 1, 5), _randint(g, 1, 5)
+    kh, kw = randint(g, 1, 5), randint(g, 1, 5)
     if i == 0:
         kh = kw = 3
-    sh = sw = _randint(g, 1, 3)
-    ph = pw = _randint(g, 0, 2)
+    sh = sw = randint(g, 1, 3)
+    ph = pw = randint(g, 0, 2)
     if i == 2:
-        sw, pw = _randint(g, 1, 3), _randint(g, 0, 2)
-    n, c_in, c_out = _randint(g, 1, 3), _randint(g, 1, 4), _randint(g, 1, 5)
-    h = _randint(g, max(1, kh - 2 * ph), 12)
-    w = _randint(g, max(1, kw - 2 * pw), 12)
-    scale_x, scale_w = _scale(g, 0.1, 100), _scale(g, 0.1, 10)
+        sw, pw = randint(g, 1, 3), randint(g, 0, 2)
+    n, c_in, c_out = randint(g, 1, 3), randint(g, 1, 4), randint(g, 1, 5)
+    h = randint(g, max(1, kh - 2 * ph), 12)
+    w = randint(g, max(1, kw - 2 * pw), 12)
+    scale_x, scale_w = log_uniform(g, 0.1, 100), log_uniform(g, 0.1, 10)
     case = {
         f"x{i}": scale_x * torch.randn(n, c_in, h, w, generator=g, dtype=dtype),
         f"w{i}": scale_w * torch.randn(c_out, c_in, kh, kw, generator=g, dtype=dtype),
@@ -77,26 +61,16 @@ def _conv_args(x, i):
 
 
 def _conv_outputs(conv, x):
+    """Case 0 to 4, then gradients; the inputs' own tensors are passed (check_inputs_unchanged)."""
     out = {}
     for i in range(CONV_CASES):
         inp, weight, bias, stride, padding = _conv_args(x, i)
         out[f"out{i}"] = conv(inp, weight, bias, stride=stride, padding=padding)
-    out["x0_after"], out["w0_after"], out["b0_after"] = x["x0"], x["w0"], x["b0"]
     leaves = [x[k].clone().requires_grad_(True) for k in ("gx", "gw", "gb")]
     y = conv(*leaves, stride=(2, 1), padding=(1, 1))
     grads = torch.autograd.grad((y * x["gup"]).sum(), leaves)
     out.update({"grad_y": y.detach(), "grad_x": grads[0], "grad_w": grads[1], "grad_b": grads[2]})
     return out
-
-
-def _conv_reference(x):
-    return _conv_outputs(ref.conv2d_unfold, {k: v.clone() for k, v in x.items()})
-
-
-def _conv_run(ns, x):
-    # The copies are the very tensors the student's function receives: case 0's come back as
-    # x0_after etc. and must still equal the originals.
-    return _conv_outputs(ns["conv2d_unfold"], {k: v.clone() for k, v in x.items()})
 
 
 CONV_TOL = {f"out{CONV_CASES - 1}": (1e-4, 1e-6)}  # float32, normwise
@@ -113,15 +87,15 @@ def _pool_inputs(g):
     plan = [(2, 0, 0, F32), (3, 2, 1, F64), (3, 0, 1, F32), (None, -1, -1, F64), (None, -1, -1, F32),
             (None, 0, -1, F64)]
     for i, (k, s, p, dtype) in enumerate(plan):
-        k = _randint(g, 1, 5) if k is None else k
-        s = _randint(g, 1, 3) if s == -1 else s
-        p = _randint(g, 0, k // 2) if p == -1 else p
-        h, w = _randint(g, max(1, k - 2 * p), 11), _randint(g, max(1, k - 2 * p), 11)
-        n, c = _randint(g, 1, 3), _randint(g, 1, 4)
-        x[f"x{i}"] = _scale(g, 0.1, 100) * (torch.randn(n, c, h, w, generator=g, dtype=dtype) - 2.0)
+        k = randint(g, 1, 5) if k is None else k
+        s = randint(g, 1, 3) if s == -1 else s
+        p = randint(g, 0, k // 2) if p == -1 else p
+        h, w = randint(g, max(1, k - 2 * p), 11), randint(g, max(1, k - 2 * p), 11)
+        n, c = randint(g, 1, 3), randint(g, 1, 4)
+        x[f"x{i}"] = log_uniform(g, 0.1, 100) * (torch.randn(n, c, h, w, generator=g, dtype=dtype) - 2.0)
         x[f"cfg{i}"] = torch.tensor([k, s, p])
     # Infinite values: every window all -inf but for one cell, and one +inf.
-    side = 2 * _randint(g, 2, 4)
+    side = 2 * randint(g, 2, 4)
     inf = torch.full((1, 2, side, side), -math.inf)
     rows = torch.randint(0, 2, (2, side // 2, side // 2), generator=g)
     cols = torch.randint(0, 2, (2, side // 2, side // 2), generator=g)
@@ -130,7 +104,7 @@ def _pool_inputs(g):
             for b in range(side // 2):
                 value = -10 * float(torch.rand(1, generator=g))
                 inf[0, c, 2 * a + rows[c, a, b], 2 * b + cols[c, a, b]] = value
-    inf[0, 1, _randint(g, 0, side - 1), _randint(g, 0, side - 1)] = math.inf
+    inf[0, 1, randint(g, 0, side - 1), randint(g, 0, side - 1)] = math.inf
     x["inf"] = inf
     return x
 
@@ -141,19 +115,6 @@ def _pool_outputs(pool, x):
         k, s, p = (int(v) for v in x[f"cfg{i}"])
         out[f"out{i}"] = pool(x[f"x{i}"], k, stride=None if s == 0 else s, padding=p)
     out["out_inf"] = pool(x["inf"], 2)
-    return out
-
-
-def _pool_run(ns, x):
-    copies = {k: v.clone() for k, v in x.items()}
-    out = _pool_outputs(ns["max_pool2d"], copies)
-    out["x1_after"] = copies["x1"]
-    return out
-
-
-def _pool_reference(x):
-    out = _pool_outputs(ref.max_pool2d, x)
-    out["x1_after"] = x["x1"]
     return out
 
 
@@ -191,7 +152,7 @@ def _cnn_shapes(w):
 
 
 def _cnn_inputs(g):
-    w, batch = _randint(g, 2, 9), _randint(g, 1, 8)
+    w, batch = randint(g, 2, 9), randint(g, 1, 8)
     x = {"width": torch.tensor(w), "images": torch.rand(batch, 1, 8, 8, generator=g, dtype=F64),
          "noise": 2 * torch.randn(batch, 1, 8, 8, generator=g, dtype=F64),
          "up": torch.randn(batch, 10, generator=g, dtype=F64)}
@@ -235,15 +196,15 @@ def _bn_state(g, prefix, c):
         f"{prefix}.bias": torch.rand(c, generator=g, dtype=F64) - 0.5,
         f"{prefix}.running_mean": torch.rand(c, generator=g, dtype=F64) - 0.5,
         f"{prefix}.running_var": 0.5 + 1.5 * torch.rand(c, generator=g, dtype=F64),
-        f"{prefix}.num_batches_tracked": torch.tensor(_randint(g, 0, 50), dtype=torch.int64),
+        f"{prefix}.num_batches_tracked": torch.tensor(randint(g, 0, 50), dtype=torch.int64),
     }
 
 
 def _block_inputs(g):
     x = {}
     for i, (same, stride) in enumerate(BLOCK_PLAN):
-        c_in = _randint(g, 2, 6)
-        c_out = c_in if same else c_in + _randint(g, 1, 4)
+        c_in = randint(g, 2, 6)
+        c_out = c_in if same else c_in + randint(g, 1, 4)
         state = {"conv1.weight": torch.randn(c_out, c_in, 3, 3, generator=g, dtype=F64) / (3 * c_in**0.5)}
         state.update(_bn_state(g, "bn1", c_out))
         state["conv2.weight"] = torch.randn(c_out, c_out, 3, 3, generator=g, dtype=F64) / (3 * c_out**0.5)
@@ -252,8 +213,8 @@ def _block_inputs(g):
             state["shortcut.0.weight"] = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=F64)
             state.update(_bn_state(g, "shortcut.1", c_out))
         x.update({f"b{i}:{k}": v for k, v in state.items()})
-        size = _randint(g, 4, 9)
-        x[f"x{i}"] = torch.randn(_randint(g, 2, 4), c_in, size, size, generator=g, dtype=F64)
+        size = randint(g, 4, 9)
+        x[f"x{i}"] = torch.randn(randint(g, 2, 4), c_in, size, size, generator=g, dtype=F64)
         x[f"cfg{i}"] = torch.tensor([c_in, c_out, stride])
     return x
 
@@ -282,41 +243,14 @@ def _block_outputs(cls, x):
     return out
 
 
-def _block_reference(x):
-    return _block_outputs(ref.ResidualBlock, x)
-
-
 PROBES = [
-    Probe(
-        "ex1_conv2d_tests",
-        inputs=_conv_inputs,
-        run=_conv_run,
-        check=_checker(_conv_reference, CONV_TOL, (1e-9, 1e-12)),
-    ),
-    Probe(
-        "ex2_max_pool_tests",
-        inputs=_pool_inputs,
-        run=_pool_run,
-        check=_checker(_pool_reference, default=(0, 0)),
-    ),
-    Probe(
-        "ex3_receptive_field_tests",
-        inputs=_rf_inputs,
-        run=lambda ns, x: _rf_all(ns["receptive_field"], x),
-        expected=lambda x: _rf_all(ref.receptive_field, x),
-        rtol=0,
-        atol=0,
-    ),
-    Probe(
-        "ex4_digits_cnn_tests",
-        inputs=_cnn_inputs,
-        run=lambda ns, x: _cnn_outputs(ns["DigitsCNN"], x),
-        check=_checker(lambda x: _cnn_outputs(ref.DigitsCNN, x), default=(1e-9, 1e-12)),
-    ),
-    Probe(
-        "ex5_residual_block_tests",
-        inputs=_block_inputs,
-        run=lambda ns, x: _block_outputs(ns["ResidualBlock"], x),
-        check=_checker(_block_reference, default=(1e-8, 1e-12)),
-    ),
+    same_as("ex1_conv2d_tests", ref.conv2d_unfold, _conv_inputs, _conv_outputs, rtol=1e-9, atol=1e-12,
+            tolerances=CONV_TOL, normwise=True, check_inputs_unchanged=True),
+    same_as("ex2_max_pool_tests", ref.max_pool2d, _pool_inputs, _pool_outputs, rtol=0, atol=0, normwise=True,
+            check_inputs_unchanged=True),
+    same_as("ex3_receptive_field_tests", ref.receptive_field, _rf_inputs, _rf_all, rtol=0, atol=0),
+    same_as("ex4_digits_cnn_tests", ref.DigitsCNN, _cnn_inputs, _cnn_outputs, rtol=1e-9, atol=1e-12,
+            normwise=True),
+    same_as("ex5_residual_block_tests", ref.ResidualBlock, _block_inputs, _block_outputs, rtol=1e-8,
+            atol=1e-12, normwise=True),
 ]
