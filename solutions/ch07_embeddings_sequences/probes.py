@@ -9,20 +9,7 @@ import math
 import torch
 
 from course_lib import embeddings as ref
-from grader.probes import Probe, checker
-
-F32, F64 = torch.float32, torch.float64
-
-
-def _randint(g, low, high):
-    """One integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
-def _scale(g, low, high):
-    """A log-uniform scale in [low, high]."""
-    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(1, generator=g)))
-
+from grader.probes import F32, F64, Probe, log_uniform, randint, same_as
 
 # -- exercise 1: the skip-gram negative-sampling loss ---------------------------------------------
 
@@ -32,8 +19,9 @@ SGNS_CASES = 4  # the last one in float32 with huge dot products
 def _sgns_inputs(g):
     x = {}
     for i in range(SGNS_CASES):
-        b, k, d = _randint(g, 1, 40), _randint(g, 1, 12), _randint(g, 1, 24)
-        dtype, scale = (F32, _scale(g, 20, 60)) if i == SGNS_CASES - 1 else (F64, _scale(g, 0.05, 5))
+        b, k, d = randint(g, 1, 40), randint(g, 1, 12), randint(g, 1, 24)
+        last = i == SGNS_CASES - 1
+        dtype, scale = (F32, log_uniform(g, 20, 60)) if last else (F64, log_uniform(g, 0.05, 5))
         x[f"c{i}"] = scale * torch.randn(b, d, generator=g, dtype=dtype)
         x[f"o{i}"] = scale * torch.randn(b, d, generator=g, dtype=dtype)
         x[f"n{i}"] = scale * torch.randn(b, k, d, generator=g, dtype=dtype)
@@ -66,13 +54,13 @@ def _cos_inputs(g):
     x = {}
     for i in range(COS_CASES):
         dtype = F32 if i == COS_CASES - 1 else F64
-        v, d = _randint(g, 20, 60 if dtype == F32 else 300), _randint(g, 2, 32)
+        v, d = randint(g, 20, 60 if dtype == F32 else 300), randint(g, 2, 32)
         emb = torch.randn(v, d, generator=g, dtype=F64)
         emb = emb * torch.exp(1.5 * torch.randn(v, 1, generator=g, dtype=F64))  # lengths far apart
-        emb[_randint(g, 0, v - 1)] = 0.0  # a zero row: similarity 0
-        n_ex = _randint(g, 0, 4)
+        emb[randint(g, 0, v - 1)] = 0.0  # a zero row: similarity 0
+        n_ex = randint(g, 0, 4)
         exclude = torch.randperm(v, generator=g)[:n_ex]
-        k = _randint(g, 1, min(12, v - n_ex))
+        k = randint(g, 1, min(12, v - n_ex))
         query = torch.randn(d, generator=g, dtype=F64)
         if i == 1:  # the query is one of the rows, excluded as in the demo
             query = emb[int(exclude[0])].clone() if n_ex else emb[0].clone()
@@ -106,7 +94,7 @@ def _bow_inputs(g):
     x = {}
     for i, (c, probs, dtype, _) in enumerate(BOW_PLAN):
         xtr, ytr, xte, yte = ref.synthetic_bow_task(g, n_train=400, n_test=400,
-                                                    vocab_size=_randint(g, 120, 220), n_classes=c,
+                                                    vocab_size=randint(g, 120, 220), n_classes=c,
                                                     class_probs=probs, dtype=dtype)
         x.update({f"xtr{i}": xtr, f"ytr{i}": ytr, f"xte{i}": xte, f"yte{i}": yte})
     return x
@@ -141,9 +129,9 @@ LSTM_CASES = 4  # case 2 without biases, the last one in float32
 def _lstm_inputs(g):
     x = {}
     for i in range(LSTM_CASES):
-        b, n_in, h = _randint(g, 1, 8), _randint(g, 1, 12), _randint(g, 1, 16)
+        b, n_in, h = randint(g, 1, 8), randint(g, 1, 12), randint(g, 1, 16)
         dtype = F32 if i == LSTM_CASES - 1 else F64
-        scale = _scale(g, 0.3, 3.0)
+        scale = log_uniform(g, 0.3, 3.0)
         case = {"x": torch.randn(b, n_in, generator=g, dtype=dtype),
                 "h": torch.randn(b, h, generator=g, dtype=dtype),
                 "c": 2 * torch.randn(b, h, generator=g, dtype=dtype),
@@ -175,29 +163,12 @@ LSTM_TOL = {k: (1e-5, 1e-6) for k in [f"out{LSTM_CASES - 1}_h", f"out{LSTM_CASES
 
 
 PROBES = [
-    Probe(
-        "ex1_sgns_loss_tests",
-        inputs=_sgns_inputs,
-        run=lambda ns, x: _sgns_outputs(ns["sgns_loss"], x),
-        # (1e-7, 1e-8): F.softplus, a right answer, returns x itself beyond x = 20 (off by e^-20)
-        check=checker(lambda x: _sgns_outputs(ref.sgns_loss, x), SGNS_TOL, (1e-7, 1e-8), normwise=True),
-    ),
-    Probe(
-        "ex2_cosine_top_k_tests",
-        inputs=_cos_inputs,
-        run=lambda ns, x: _cos_outputs(ns["cosine_top_k"], x),
-        check=checker(lambda x: _cos_outputs(ref.cosine_top_k, x), COS_TOL, (1e-9, 1e-12)),
-    ),
-    Probe(
-        "ex3_bow_classifier_tests",
-        inputs=_bow_inputs,
-        run=_bow_run,
-        check=_bow_check,
-    ),
-    Probe(
-        "ex4_lstm_cell_tests",
-        inputs=_lstm_inputs,
-        run=lambda ns, x: _lstm_outputs(ns["lstm_cell"], x),
-        check=checker(lambda x: _lstm_outputs(ref.lstm_cell, x), LSTM_TOL, (1e-9, 1e-12), normwise=True),
-    ),
+    # (1e-7, 1e-8): F.softplus, a right answer, returns x itself beyond x = 20 (off by e^-20)
+    same_as("ex1_sgns_loss_tests", ref.sgns_loss, _sgns_inputs, _sgns_outputs, rtol=1e-7, atol=1e-8,
+            tolerances=SGNS_TOL, normwise=True),
+    same_as("ex2_cosine_top_k_tests", ref.cosine_top_k, _cos_inputs, _cos_outputs, rtol=1e-9, atol=1e-12,
+            tolerances=COS_TOL),
+    Probe("ex3_bow_classifier_tests", inputs=_bow_inputs, run=_bow_run, check=_bow_check),
+    same_as("ex4_lstm_cell_tests", ref.lstm_cell, _lstm_inputs, _lstm_outputs, rtol=1e-9, atol=1e-12,
+            tolerances=LSTM_TOL, normwise=True),
 ]
