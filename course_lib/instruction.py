@@ -33,11 +33,7 @@ import torch.nn.functional as F
 
 from course_lib.lm_data import END_OF_TEXT, play_of, work_texts
 from course_lib.lm_train import lr_at
-from course_lib.model_selection import kfold_splits, random_search  # noqa: F401 - temporary (*)
 from course_lib.pretraining import next_token_loss
-
-# (*) Chapter 13's probes.py still calls ref.kfold_splits and ref.random_search through this module;
-# delete that import once it imports course_lib.model_selection, their one home.
 
 IGNORE_INDEX = -100
 
