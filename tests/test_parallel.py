@@ -1,10 +1,8 @@
-"""Unit tests for course_lib.parallel: real multi-process runs (gloo, 2 ranks) checked against
-the same computation in one process, with stated tolerances (float64 unless said)."""
+"""Unit tests for course_lib.parallel: real multi-process runs (gloo, 2 ranks, started by
+course_lib.launch.run_workers) checked against the same computation in one process, with stated
+tolerances (float64 unless said). The launching itself is tested in test_launch.py."""
 
 from __future__ import annotations
-
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from course_lib import parallel
+from course_lib.launch import run_workers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,32 +43,9 @@ def _dp_rank(rank, world, averager):
     return [p.grad for p in model.parameters()]
 
 
-def test_run_workers_returns_rank_values_and_output() -> None:
-    def fn(rank, world, base):
-        t = torch.tensor([float(rank + base)])
-        dist.all_reduce(t)
-        print("hello from", rank)
-        return rank, world, t.item()
-
-    assert parallel.run_workers(fn, 2, args=(10,)) == [(0, 2, 21.0), (1, 2, 21.0)]
-    assert parallel.run_workers(fn, 1, args=(0,)) == [(0, 1, 0.0)]
-
-
-def test_run_workers_reports_the_failing_rank() -> None:
-    def fn(rank, world):
-        if rank == 1:
-            raise ValueError("rank one is broken")
-        t = torch.ones(1)
-        dist.all_reduce(t)  # rank 0 waits for rank 1 until stopped
-        return t
-
-    with pytest.raises(parallel.WorkerError, match="(?s)rank 1 of 2 raised.*rank one is broken"):
-        parallel.run_workers(fn, 2, timeout=30)
-
-
 def test_average_gradients_equals_full_batch_gradient() -> None:
     want = _full_batch_grads()
-    for got in parallel.run_workers(_dp_rank, 2, args=(parallel.average_gradients,)):
+    for got in run_workers(_dp_rank, 2, args=(parallel.average_gradients,)):
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
 
@@ -80,7 +56,7 @@ def test_average_gradients_has_teeth() -> None:
         for p in model.parameters():
             dist.all_reduce(p.grad)
 
-    got = parallel.run_workers(_dp_rank, 2, args=(summed,))[0]
+    got = run_workers(_dp_rank, 2, args=(summed,))[0]
     torch.testing.assert_close(got[0], 2 * _full_batch_grads()[0], rtol=1e-12, atol=1e-14)
 
 
@@ -119,7 +95,7 @@ def test_tensor_parallel_mlp_matches_unsplit(world: int) -> None:
     x = torch.randn(7, 6, dtype=F64, generator=torch.Generator().manual_seed(3)).requires_grad_()
     out = proj(nn.functional.gelu(fc(x)))
     (out ** 2).sum().backward()
-    results = parallel.run_workers(_tp_rank, world)
+    results = run_workers(_tp_rank, world)
     k1, k2 = 16 // world, 16 // world
     for rank, (got, x_grad, grads) in enumerate(results):
         torch.testing.assert_close(got, out.detach(), rtol=1e-12, atol=1e-12)
@@ -154,7 +130,7 @@ def test_gpipe_matches_one_process(n_micro: int) -> None:
     loss = nn.functional.mse_loss(model(x), y)
     loss.backward()
     want = [p.grad for p in model.parameters()]
-    results = parallel.run_workers(_pipe_rank, 2, args=(n_micro,))
+    results = run_workers(_pipe_rank, 2, args=(n_micro,))
     assert results[0][0] is None
     assert results[1][0] == pytest.approx(loss.item(), rel=1e-5)
     got = results[0][1] + results[1][1]
@@ -188,52 +164,6 @@ def test_rank_sliced_batches_cover_the_single_process_batch() -> None:
             parts = [r.get_batch(split, 4, 5)[0] for r in ranks]
             assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(single.get_batch("train", 8, 5)[0], single.get_batch("train", 8, 5)[0])
-
-
-SCRIPT = textwrap.dedent("""
-    import os
-    import torch
-    import torch.distributed as dist
-    from course_lib.parallel import save_rank_result
-    dist.init_process_group("gloo")
-    t = torch.tensor([float(dist.get_rank()) + 1])
-    dist.all_reduce(t)
-    save_rank_result({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item(),
-                      "local": int(os.environ["LOCAL_RANK"]), "group": int(os.environ["GROUP_RANK"])})
-    dist.destroy_process_group()
-""")
-
-
-def test_torchrun_command_lines() -> None:
-    one = parallel.torchrun_command("s.py", 2, ["--x", 3])
-    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "s.py",
-                       "--x", "3"]
-    two = parallel.torchrun_command("s.py", 1, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400")
-    assert "--nnodes=2" in two and "--node-rank=1" in two and "--rdzv-endpoint=10.0.0.1:29400" in two
-    with pytest.raises(ValueError):
-        parallel.torchrun_command("s.py", 1, nnodes=2)
-    # --local-addr is a launcher option: it must come before the script, not among its arguments.
-    three = parallel.torchrun_command("s.py", 2, ["--x"], local_addr="127.0.0.1")
-    assert three.index("--local-addr=127.0.0.1") < three.index("s.py") < three.index("--x")
-
-
-def test_loopback_env_pins_gloo_to_lo_without_sys() -> None:
-    # Found from the kernel's interface list, so it also works where /sys is not mounted (sandbox).
-    env = parallel.loopback_env()
-    assert env["MASTER_ADDR"] == "127.0.0.1"
-    if sys.platform.startswith("linux"):
-        assert env.get("GLOO_SOCKET_IFNAME") == "lo"
-
-
-def test_torchrun_and_multinode_launch_real_ranks(tmp_path) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(SCRIPT)
-    results = parallel.torchrun(script, 2, timeout=120)
-    assert [r["rank"] for r in results] == [0, 1]
-    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
-    nodes = parallel.torchrun_multinode(script, nnodes=2, nproc_per_node=1, timeout=120)
-    assert sorted(r["group"] for r in nodes) == [0, 1]
-    assert all(r["local"] == 0 and r["world"] == 2 and r["sum"] == 3.0 for r in nodes)
 
 
 def test_human_bytes() -> None:
