@@ -10,17 +10,10 @@ import torch
 
 from course_lib import data_prep as ref
 from course_lib.lm_data import work_texts
-from course_lib.tokenizers import BPETokenizer, learn_merges, split_chunks
-from grader.probes import Probe
+from grader.probes import F64, I64, Probe, randint, same_as, uniform
 
-I64 = torch.int64
 # Works whose text the BPE probes cut slices from.
 SOURCE_WORKS = ("sonnets_gut", "hamlet_gut_f", "tempest_gut", "rape_of_lucrece_gut")
-
-
-def _randint(g, low, high):
-    """One integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
 
 
 def _codes(text):
@@ -32,7 +25,7 @@ def _text(codes):
 
 
 def _random_text(g, alphabet, low, high):
-    picks = torch.randint(0, len(alphabet), (_randint(g, low, high),), generator=g)
+    picks = torch.randint(0, len(alphabet), (randint(g, low, high),), generator=g)
     return "".join(alphabet[i] for i in picks.tolist())
 
 
@@ -41,14 +34,14 @@ def _unicode_text(g, length):
     ranges = [(32, 126), (32, 126), (160, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x1FAFF)]
     out = []
     for _ in range(length):
-        low, high = ranges[_randint(g, 0, len(ranges) - 1)]
-        out.append(chr(_randint(g, low, high)))
+        low, high = ranges[randint(g, 0, len(ranges) - 1)]
+        out.append(chr(randint(g, low, high)))
     return "".join(out)
 
 
 def _corpus_slice(g, length):
-    text = work_texts([SOURCE_WORKS[_randint(g, 0, len(SOURCE_WORKS) - 1)]])[0]
-    start = _randint(g, 0, len(text) - length)
+    text = work_texts([SOURCE_WORKS[randint(g, 0, len(SOURCE_WORKS) - 1)]])[0]
+    start = randint(g, 0, len(text) - length)
     return text[start:start + length]
 
 
@@ -61,10 +54,10 @@ def _pairs_tensor(pairs):
 
 def _bpe_train_inputs(g):
     texts = [
-        (_random_text(g, "ab c", 40, 200), _randint(g, 3, 30)),       # few symbols: many ties
-        (_random_text(g, "aaab .,!1", 40, 200), _randint(g, 3, 30)),   # runs, digits, punctuation
-        (_unicode_text(g, _randint(g, 20, 80)) * 2, _randint(g, 1, 20)),
-        (_corpus_slice(g, 1500), _randint(g, 30, 60)),
+        (_random_text(g, "ab c", 40, 200), randint(g, 3, 30)),        # few symbols: many ties
+        (_random_text(g, "aaab .,!1", 40, 200), randint(g, 3, 30)),    # runs, digits, punctuation
+        (_unicode_text(g, randint(g, 20, 80)) * 2, randint(g, 1, 20)),
+        (_corpus_slice(g, 1500), randint(g, 30, 60)),
         (_random_text(g, "xy", 2, 6), 50),                              # runs out of pairs early
     ]
     x = {}
@@ -83,14 +76,14 @@ def _bpe_train_outputs(train, x):
 
 def _codec_inputs(g):
     train_text = _corpus_slice(g, 4000) + " café naïve déjà 😀😀 中文中文 — … " * 3
-    merges = learn_merges(Counter(split_chunks(train_text)), _randint(g, 80, 200))
+    merges = ref.train_bpe(train_text, randint(g, 80, 200))
     texts = ["", _corpus_slice(g, 600), _unicode_text(g, 60), train_text[-60:],
              "naïve café 😀 \t\n\x00 " + _unicode_text(g, 10)]
     x = {"merges": _pairs_tensor(merges)}
     for i, text in enumerate(texts):
         x[f"text{i}"] = _codes(text)
-    x["ids"] = torch.randint(0, 256 + len(merges), (_randint(g, 20, 60),), generator=g)
-    x["cut"] = torch.tensor(list("中文😀".encode())[: _randint(g, 1, 6)], dtype=I64)
+    x["ids"] = torch.randint(0, 256 + len(merges), (randint(g, 20, 60),), generator=g)
+    x["cut"] = torch.tensor(list("中文😀".encode())[: randint(g, 1, 6)], dtype=I64)
     return x
 
 
@@ -107,11 +100,6 @@ def _codec_outputs(encode, decode, x):
     return out
 
 
-def _codec_reference(x):
-    tokenizer = BPETokenizer([tuple(p) for p in x["merges"].tolist()])
-    return _codec_outputs(lambda text, _m: tokenizer.encode(text), lambda ids, _m: tokenizer.decode(ids), x)
-
-
 # -- exercise 3: near-duplicates ------------------------------------------------------------------
 
 SETTINGS = [(0.1, 3), (0.5, 3), (0.3, 2), (0.6, 1), (0.25, 4)]
@@ -119,10 +107,10 @@ SETTINGS = [(0.1, 3), (0.5, 3), (0.3, 2), (0.6, 1), (0.25, 4)]
 
 def _dedup_inputs(g):
     docs = []
-    for _ in range(_randint(g, 4, 7)):
-        base = torch.randint(0, 80, (_randint(g, 15, 60),), generator=g)
+    for _ in range(randint(g, 4, 7)):
+        base = torch.randint(0, 80, (randint(g, 15, 60),), generator=g)
         docs.append(base)
-        for _ in range(_randint(g, 0, 2)):  # planted near-duplicates, more or less edited
+        for _ in range(randint(g, 0, 2)):  # planted near-duplicates, more or less edited
             rate = float(torch.rand(1, generator=g)) * 0.4
             edited = torch.where(torch.rand(len(base), generator=g) < rate,
                                  torch.randint(0, 80, (len(base),), generator=g), base)
@@ -162,11 +150,11 @@ SPLIT_SEEDS = 6
 def _split_inputs(g):
     x = {}
     for case in range(3):
-        n_groups = _randint(g, 10, 40)
-        n_items = _randint(g, n_groups, 3 * n_groups)
+        n_groups = randint(g, 10, 40)
+        n_items = randint(g, n_groups, 3 * n_groups)
         x[f"groups{case}"] = torch.randint(0, n_groups, (n_items,), generator=g)
-        x[f"sizes{case}"] = 0.5 + 20 * torch.rand(n_items, generator=g, dtype=torch.float64)
-        x[f"fraction{case}"] = torch.tensor([0.1, 0.2, 0.3][case], dtype=torch.float64)
+        x[f"sizes{case}"] = uniform(g, 0.5, 20.5, n_items)
+        x[f"fraction{case}"] = torch.tensor([0.1, 0.2, 0.3][case], dtype=F64)
     return x
 
 
@@ -218,35 +206,12 @@ def _split_check(x, out):
     return None
 
 
+# Merges, ids, texts and pairs: integers, compared exactly.
 PROBES = [
-    Probe(
-        "ex1_train_bpe_tests",
-        inputs=_bpe_train_inputs,
-        run=lambda ns, x: _bpe_train_outputs(ns["train_bpe"], x),
-        expected=lambda x: _bpe_train_outputs(ref.train_bpe, x),
-        rtol=0,
-        atol=0,
-    ),
-    Probe(
-        "ex2_encode_decode_tests",
-        inputs=_codec_inputs,
-        run=lambda ns, x: _codec_outputs(ns["bpe_encode"], ns["bpe_decode"], x),
-        expected=_codec_reference,
-        rtol=0,
-        atol=0,
-    ),
-    Probe(
-        "ex3_near_duplicates_tests",
-        inputs=_dedup_inputs,
-        run=lambda ns, x: _dedup_outputs(ns["near_duplicate_pairs"], x),
-        expected=lambda x: _dedup_outputs(ref.near_duplicate_pairs, x),
-        rtol=0,
-        atol=0,
-    ),
-    Probe(
-        "ex4_grouped_split_tests",
-        inputs=_split_inputs,
-        run=_split_run,
-        check=_split_check,
-    ),
+    same_as("ex1_train_bpe_tests", ref.train_bpe, _bpe_train_inputs, _bpe_train_outputs, rtol=0, atol=0),
+    same_as("ex2_encode_decode_tests", (ref.bpe_encode, ref.bpe_decode), _codec_inputs, _codec_outputs,
+            rtol=0, atol=0),
+    same_as("ex3_near_duplicates_tests", ref.near_duplicate_pairs, _dedup_inputs, _dedup_outputs,
+            rtol=0, atol=0),
+    Probe("ex4_grouped_split_tests", inputs=_split_inputs, run=_split_run, check=_split_check),
 ]
