@@ -8,15 +8,7 @@ from torch import nn
 
 from course_lib import finetuning as ref
 from course_lib.gpt import GPT, GPTConfig
-from grader.probes import Probe, checker
-
-F32, F64 = torch.float32, torch.float64
-
-
-def _randint(g, low, high):
-    """One integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
+from grader.probes import F32, F64, randint, same_as
 
 # -- exercise 1: the last-token head ------------------------------------------------------------------
 
@@ -26,10 +18,10 @@ N_HEAD = 5
 def _head_inputs(g):
     x = {}
     for i in range(N_HEAD):
-        b, t, d, c = _randint(g, 1, 6), _randint(g, 1, 10), _randint(g, 1, 16), _randint(g, 1, 5)
+        b, t, d, c = randint(g, 1, 6), randint(g, 1, 10), randint(g, 1, 16), randint(g, 1, 5)
         dtype = F64 if i % 2 else F32
         mask = (torch.rand(b, t, generator=g) < 0.6).long()
-        mask[:, _randint(g, 0, t - 1)] = 1
+        mask[:, randint(g, 0, t - 1)] = 1
         x[f"hidden{i}"] = torch.randn(b, t, d, generator=g, dtype=dtype)
         x[f"mask{i}"] = mask
         x[f"w{i}"] = torch.randn(c, d, generator=g, dtype=dtype)
@@ -45,8 +37,8 @@ def _head_outputs(f, x):
 
 
 def _freeze_inputs(g):
-    layers = _randint(g, 1, 5)
-    return {"cfg": torch.tensor([layers, _randint(g, 0, layers), _randint(g, 2, 4), _randint(g, 0, 10**6)])}
+    layers = randint(g, 1, 5)
+    return {"cfg": torch.tensor([layers, randint(g, 0, layers), randint(g, 2, 4), randint(g, 0, 10**6)])}
 
 
 def _freeze_outputs(f, x):
@@ -62,10 +54,6 @@ def _freeze_outputs(f, x):
     return {"count": torch.tensor(int(count)), "flags": flags}
 
 
-def _freeze_expected(x):
-    return _freeze_outputs(ref.freeze_layers, x)
-
-
 # -- exercise 3: class weights and the weighted loss -------------------------------------------------
 
 N_WCE = 5
@@ -74,7 +62,7 @@ N_WCE = 5
 def _wce_inputs(g):
     x = {}
     for i in range(N_WCE):
-        n, c = _randint(g, 1, 90), _randint(g, 2, 7)
+        n, c = randint(g, 1, 90), randint(g, 2, 7)
         dtype = F64 if i % 2 else F32
         x[f"labels{i}"] = torch.randint(0, c, (n,), generator=g)
         x[f"logits{i}"] = 6 * torch.randn(n, c, generator=g, dtype=dtype)
@@ -83,16 +71,12 @@ def _wce_inputs(g):
     return x
 
 
-def _wce_outputs(ns_or_ref, x):
-    cw, wce = ns_or_ref["class_weights"], ns_or_ref["weighted_cross_entropy"]
+def _wce_outputs(class_weights, weighted_cross_entropy, x):
     out = {}
     for i in range(N_WCE):
-        out[f"w{i}"] = cw(x[f"labels{i}"], int(x[f"cfg{i}"][0]))
-        out[f"loss{i}"] = wce(x[f"logits{i}"], x[f"labels{i}"], x[f"weights{i}"])
+        out[f"w{i}"] = class_weights(x[f"labels{i}"], int(x[f"cfg{i}"][0]))
+        out[f"loss{i}"] = weighted_cross_entropy(x[f"logits{i}"], x[f"labels{i}"], x[f"weights{i}"])
     return out
-
-
-REF_WCE = {"class_weights": ref.class_weights, "weighted_cross_entropy": ref.weighted_cross_entropy}
 
 
 # -- exercise 4: metrics --------------------------------------------------------------------------------
@@ -104,19 +88,19 @@ METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "macro_f1")
 def _metric_inputs(g):
     x = {}
     for i in range(N_METRICS):
-        c, n = _randint(g, 2, 7), _randint(g, 1, 80)
+        c, n = randint(g, 2, 7), randint(g, 1, 80)
         x[f"true{i}"] = torch.randint(0, c, (n,), generator=g)
         x[f"pred{i}"] = torch.randint(0, max(1, c - 1 - i % 2), (n,), generator=g)
         x[f"cfg{i}"] = torch.tensor([c])
     return x
 
 
-def _metric_outputs(cm_fn, metrics_fn, x):
+def _metric_outputs(confusion_matrix, classification_metrics, x):
     out = {}
     for i in range(N_METRICS):
         c = int(x[f"cfg{i}"][0])
-        out[f"cm{i}"] = cm_fn(x[f"true{i}"], x[f"pred{i}"], c)
-        m = metrics_fn(x[f"true{i}"], x[f"pred{i}"], c)
+        out[f"cm{i}"] = confusion_matrix(x[f"true{i}"], x[f"pred{i}"], c)
+        m = classification_metrics(x[f"true{i}"], x[f"pred{i}"], c)
         for key in METRIC_KEYS:
             out[f"{key}{i}"] = torch.as_tensor(m[key]).double()
     return out
@@ -130,7 +114,7 @@ N_LORA = 4
 def _lora_inputs(g):
     x = {}
     for i in range(N_LORA):
-        d_in, d_out, r = _randint(g, 1, 12), _randint(g, 1, 12), _randint(g, 1, 6)
+        d_in, d_out, r = randint(g, 1, 12), randint(g, 1, 12), randint(g, 1, 6)
         if i == 0:
             d_out = d_in  # square: a transposed product would have the right shape
         dtype = F64 if i % 2 else F32
@@ -139,7 +123,7 @@ def _lora_inputs(g):
         x[f"A{i}"] = torch.randn(r, d_in, generator=g, dtype=dtype)
         x[f"B{i}"] = torch.randn(d_out, r, generator=g, dtype=dtype)
         x[f"x{i}"] = torch.randn(3, d_in, generator=g, dtype=dtype)
-        x[f"cfg{i}"] = torch.tensor([r, _randint(g, 1, 32), i % 3 != 0])
+        x[f"cfg{i}"] = torch.tensor([r, randint(g, 1, 32), i % 3 != 0])
     return x
 
 
@@ -165,37 +149,12 @@ def _lora_outputs(cls, x):
 
 
 PROBES = [
-    Probe(
-        "ex1_last_token_head_tests",
-        inputs=_head_inputs,
-        run=lambda ns, x: _head_outputs(ns["last_token_logits"], x),
-        check=checker(lambda x: _head_outputs(ref.last_token_logits, x), default=(1e-5, 1e-6)),
-    ),
-    Probe(
-        "ex2_freeze_tests",
-        inputs=_freeze_inputs,
-        run=lambda ns, x: _freeze_outputs(ns["freeze_layers"], x),
-        check=checker(_freeze_expected),
-    ),
-    Probe(
-        "ex3_class_weights_tests",
-        inputs=_wce_inputs,
-        run=lambda ns, x: _wce_outputs(ns, x),
-        check=checker(lambda x: _wce_outputs(REF_WCE, x), default=(1e-5, 1e-7)),
-    ),
-    Probe(
-        "ex4_metrics_tests",
-        inputs=_metric_inputs,
-        run=lambda ns, x: _metric_outputs(ns["confusion_matrix"], ns["classification_metrics"], x),
-        check=checker(
-            lambda x: _metric_outputs(ref.confusion_matrix, ref.classification_metrics, x),
-            default=(1e-9, 1e-12),
-        ),
-    ),
-    Probe(
-        "ex5_lora_tests",
-        inputs=_lora_inputs,
-        run=lambda ns, x: _lora_outputs(ns["LoRALinear"], x),
-        check=checker(lambda x: _lora_outputs(ref.LoRALinear, x), default=(1e-5, 1e-5)),
-    ),
+    same_as("ex1_last_token_head_tests", ref.last_token_logits, _head_inputs, _head_outputs,
+            rtol=1e-5, atol=1e-6),
+    same_as("ex2_freeze_tests", ref.freeze_layers, _freeze_inputs, _freeze_outputs, rtol=1e-9, atol=1e-12),
+    same_as("ex3_class_weights_tests", (ref.class_weights, ref.weighted_cross_entropy), _wce_inputs,
+            _wce_outputs, rtol=1e-5, atol=1e-7),
+    same_as("ex4_metrics_tests", (ref.confusion_matrix, ref.classification_metrics), _metric_inputs,
+            _metric_outputs, rtol=1e-9, atol=1e-12),
+    same_as("ex5_lora_tests", ref.LoRALinear, _lora_inputs, _lora_outputs, rtol=1e-5, atol=1e-5),
 ]
