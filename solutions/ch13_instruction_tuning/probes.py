@@ -9,15 +9,8 @@ import math
 import torch
 
 from course_lib import instruction as ref
-from grader.probes import Probe, checker
-
-F64 = torch.float64
-
-
-def _randint(g, low, high):
-    """One integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
+from course_lib import model_selection
+from grader.probes import F64, randint, same_as, uniform
 
 # -- exercise 1: the prompt loss mask ---------------------------------------------------------------
 
@@ -27,16 +20,16 @@ N_MASK = 6
 def _mask_inputs(g):
     x = {}
     for i in range(N_MASK):
-        b, t = _randint(g, 1, 6), _randint(g, 2, 48)
+        b, t = randint(g, 1, 6), randint(g, 2, 48)
         lengths = torch.randint(2, t + 1, (b,), generator=g)
         prompts = torch.stack([torch.randint(1, int(n), (1,), generator=g)[0] for n in lengths])
         ids = torch.randint(0, 2048, (b, t), generator=g)
-        pad = _randint(g, 0, 2047)
+        pad = randint(g, 0, 2047)
         for row in range(b):
             ids[row, int(lengths[row]) - 1] = pad  # the end-of-text token is also the pad id
             ids[row, int(lengths[row]):] = pad
         x[f"ids{i}"], x[f"prompts{i}"], x[f"lengths{i}"] = ids, prompts, lengths
-        x[f"cfg{i}"] = torch.tensor([-100 if i < 4 else -_randint(g, 1, 50)])
+        x[f"cfg{i}"] = torch.tensor([-100 if i < 4 else -randint(g, 1, 50)])
     return x
 
 
@@ -53,14 +46,14 @@ N_CORPORA = 8
 def _bleu_inputs(g):
     x = {}
     for i in range(N_CORPORA):
-        pairs = _randint(g, 1, 8)
-        vocab = _randint(g, 3, 12)
+        pairs = randint(g, 1, 8)
+        vocab = randint(g, 3, 12)
         hyp_lens = torch.randint(0 if i % 4 else 1, 16, (pairs,), generator=g)
         ref_lens = torch.randint(1, 16, (pairs,), generator=g)
         x[f"hyp{i}"] = torch.randint(0, vocab, (int(hyp_lens.sum()),), generator=g)
         x[f"ref{i}"] = torch.randint(0, vocab, (int(ref_lens.sum()),), generator=g)
         x[f"hyp_lens{i}"], x[f"ref_lens{i}"] = hyp_lens, ref_lens
-        x[f"cfg{i}"] = torch.tensor([[4, 4, 2, 3][_randint(g, 0, 3)]])
+        x[f"cfg{i}"] = torch.tensor([[4, 4, 2, 3][randint(g, 0, 3)]])
     return x
 
 
@@ -87,8 +80,8 @@ N_KFOLD = 5
 def _kfold_inputs(g):
     x = {}
     for i in range(N_KFOLD):
-        k = _randint(g, 2, 8)
-        x[f"cfg{i}"] = torch.tensor([k + _randint(g, 0, 70), k, _randint(g, 0, 10**6), int(i > 0)])
+        k = randint(g, 2, 8)
+        x[f"cfg{i}"] = torch.tensor([k + randint(g, 0, 70), k, randint(g, 0, 10**6), int(i > 0)])
     return x
 
 
@@ -108,8 +101,8 @@ SPACE = {"a": (1e-4, 1e2, "log"), "b": (-1.0, 3.0, "linear"), "c": (1, 6, "int")
 
 
 def _search_inputs(g):
-    return {"cfg": torch.tensor([_randint(g, 0, 10**6), _randint(g, 5, 40)]),
-            "shift": torch.rand(2, generator=g, dtype=F64) * 4 - 2}
+    return {"cfg": torch.tensor([randint(g, 0, 10**6), randint(g, 5, 40)]),
+            "shift": uniform(g, -2.0, 2.0, 2)}
 
 
 def _search_outputs(f, x):
@@ -129,28 +122,9 @@ def _search_outputs(f, x):
 
 
 PROBES = [
-    Probe(
-        "ex1_sft_labels_tests",
-        inputs=_mask_inputs,
-        run=lambda ns, x: _mask_outputs(ns["sft_labels"], x),
-        check=checker(lambda x: _mask_outputs(ref.sft_labels, x), default=(0.0, 0.0)),
-    ),
-    Probe(
-        "ex2_bleu_tests",
-        inputs=_bleu_inputs,
-        run=lambda ns, x: _bleu_outputs(ns["corpus_bleu"], x),
-        check=checker(lambda x: _bleu_outputs(ref.corpus_bleu, x), default=(1e-9, 1e-12)),
-    ),
-    Probe(
-        "ex3_kfold_tests",
-        inputs=_kfold_inputs,
-        run=lambda ns, x: _kfold_outputs(ns["kfold_splits"], x),
-        check=checker(lambda x: _kfold_outputs(ref.kfold_splits, x), default=(0.0, 0.0)),
-    ),
-    Probe(
-        "ex4_random_search_tests",
-        inputs=_search_inputs,
-        run=lambda ns, x: _search_outputs(ns["random_search"], x),
-        check=checker(lambda x: _search_outputs(ref.random_search, x), default=(1e-9, 1e-12)),
-    ),
+    same_as("ex1_sft_labels_tests", ref.sft_labels, _mask_inputs, _mask_outputs, rtol=0, atol=0),
+    same_as("ex2_bleu_tests", ref.corpus_bleu, _bleu_inputs, _bleu_outputs, rtol=1e-9, atol=1e-12),
+    same_as("ex3_kfold_tests", model_selection.kfold_splits, _kfold_inputs, _kfold_outputs, rtol=0, atol=0),
+    same_as("ex4_random_search_tests", model_selection.random_search, _search_inputs, _search_outputs,
+            rtol=1e-9, atol=1e-12),
 ]
