@@ -5,7 +5,8 @@ Small modules by topic:
 - :mod:`course_lib.device`   — pick CUDA/CPU (MPS on request), seeding, autocast dtype
 - :mod:`course_lib.quick`    — the quick-mode switch (``COURSE_QUICK=1``) that shrinks training for CI
 - :mod:`course_lib.data`     — sklearn digits, 2-D toy sets, the Shakespeare corpus
-- :mod:`course_lib.training` — a small training loop with a ``tqdm.auto`` progress bar and a history
+- :mod:`course_lib.training` — the one training loop (``train_epochs``) and ``fit``, with a ``tqdm.auto``
+  progress bar and a history; chapters 5 and 6's loops are callers of it
 - :mod:`course_lib.plotting` — loss curves, decision boundaries, image grids
 - :mod:`course_lib.checks`   — student-facing checks for visible tests, and ``forbidden`` for hidden ones
 - :mod:`course_lib.sizing`   — parameter, memory and compute arithmetic for models (chapter 0)
@@ -19,11 +20,13 @@ Small modules by topic:
 - :mod:`course_lib.attention` — masks, multi-head attention from weights, positions, RoPE (chapter 8)
 - :mod:`course_lib.data_prep` — shingles, Jaccard, MinHash, near duplicates, grouped splits (chapter 9)
 - :mod:`course_lib.pretraining` — next-token loss, MLM masking, accumulation (chapter 10)
-- :mod:`course_lib.parallel` — ranks from a notebook, torchrun launches, gradient all-reduce, tensor and
-  pipeline parallelism (chapter 11; its memory arithmetic is in :mod:`course_lib.sizing`)
+- :mod:`course_lib.parallel` — gradient all-reduce, data, tensor and pipeline parallelism (chapter 11;
+  its memory arithmetic is in :mod:`course_lib.sizing`)
+- :mod:`course_lib.launch`   — starting ranks from a notebook or with torchrun, and finding which failed
 - :mod:`course_lib.bert`     — a BERT encoder and all-MiniLM-L6-v2 loaded into it (chapter 12)
 - :mod:`course_lib.finetuning` — labelled passages, task heads, freezing, class weights, metrics, LoRA (ch 12)
-- :mod:`course_lib.instruction` — instruction pairs, chat template, prompt loss mask, BLEU, search (ch 13)
+- :mod:`course_lib.instruction` — instruction pairs, chat template, prompt loss mask, BLEU (chapter 13)
+- :mod:`course_lib.model_selection` — k-fold splits, grid and random search (chapter 13)
 - :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
   :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
 """

@@ -21,12 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from course_lib.launch import run_workers  # noqa: F401 - temporary (*)
-
-# (*) Chapter 11's probes.py still calls parallel.run_workers; delete that import once it imports
-# course_lib.launch, its one home.
-
-
 # ---------------------------------------------------------------------------------------------
 # Data parallelism
 # ---------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def same_as(test_cell: str, reference: Callable | tuple[Callable, ...],
             inputs: Callable[[torch.Generator], Tensors], calls: Callable[..., Any] | None = None, *,
             args: tuple[str, ...] = (), name: str | tuple[str, ...] | None = None,
             rtol: float, atol: float, tolerances: Tolerances | None = None, normwise: bool = False,
-            same_dtype: str | None = "out", check_inputs_unchanged: bool = False) -> Probe:
+            same_dtype: str | None = None, check_inputs_unchanged: bool = False) -> Probe:
     """A probe that calls the student's function where the test cell's exercise defines it, and
     ``reference`` in the grader, in the same way, and compares what the two return.
 
@@ -211,7 +211,8 @@ def same_as(test_cell: str, reference: Callable | tuple[Callable, ...],
     - Exercises with several functions: ``reference`` and ``name`` are tuples, and ``calls``
       receives the functions in that order: ``calls(encode, decode, inputs)``.
     - Compared with :func:`compare_outputs`: ``rtol``/``atol`` for every key, but those in
-      ``tolerances``; ``normwise``, and the dtype kept for keys starting with ``same_dtype``.
+      ``tolerances``; ``normwise``, and the dtype kept for keys starting with ``same_dtype`` (off
+      by default: a result's dtype is checked only where the task text states it, e.g. "out").
     - ``check_inputs_unchanged``: see :class:`Probe` (``calls`` must pass the inputs' tensors
       themselves to the student's function for this to cover them).
     """

@@ -59,7 +59,8 @@ from pathlib import Path
 
 KERNEL_NAME = "n2l-sandbox"
 PLAN_ENV = "COURSE_SANDBOX_PLAN"
-# The course's own settings a student may set (README); the grader's COURSE_* stay outside.
+# The course settings a student may set (docs/architecture.md, "Environment variables"); the
+# grader's own COURSE_* variables stay outside.
 STUDENT_ENV = ("COURSE_QUICK", "COURSE_DEVICE", "COURSE_CACHE_DIR")
 HOME = "/home/student"
 LIB = "/opt/n2l/lib"

@@ -1,4 +1,4 @@
-"""Adversarial submissions: one per threat of the grader's threat model (see README, "Trust").
+"""Adversarial submissions: one per threat of the grader's threat model (see docs/trust-model.md).
 
 All of them are graded in one batch of the mini course (tests/mini_course.py: three exercises
 worth 1, 2 and 3 points). Each test asserts the exact score and the flags of one submission;

@@ -1,5 +1,5 @@
 """Leaks and unbounded outputs: hidden tests printed from IPython's history, huge outputs, student
-markup in the feedback HTML, malformed graded cells, hostile student ids (see README, "Trust").
+markup in the feedback HTML, malformed graded cells, hostile student ids (see docs/trust-model.md).
 
 One batch of the mini course (tests/mini_course.py: three exercises worth 1, 2 and 3 points)
 goes through the real grader with the sandbox on, then ``report`` with feedback; each test

@@ -107,17 +107,27 @@ def _square_and_clobber(x):
     return y
 
 
-@pytest.mark.parametrize("function, unchanged, passed, reason", [
-    (_square, False, True, ""),
-    (lambda x: x * x + 1e-9, False, False, "differs"),
-    (lambda x: (x * x).float(), False, False, "out: dtype"),  # out* keys keep the reference's dtype
-    (_square_and_clobber, False, True, ""),  # squares right, but changes x...
-    (_square_and_clobber, True, False, "changed its input x"),  # ...which the option catches
-    (_square, True, True, ""),
+@pytest.mark.parametrize("function, options, passed, reason", [
+    (_square, {}, True, ""),
+    (lambda x: x * x + 1e-9, {}, False, "differs"),
+    # A result's dtype is checked only where the task states it (same_dtype names those keys):
+    (lambda x: (x * x).float().double(), {}, False, "differs"),  # float32 rounding still shows...
+    (lambda x: x * x, {"same_dtype": "out"}, True, ""),
+    (lambda x: (x * x).to(torch.float32), {"same_dtype": "out"}, False, "out: dtype"),
+    (_square_and_clobber, {}, True, ""),  # squares right, but changes x...
+    (_square_and_clobber, {"check_inputs_unchanged": True}, False, "changed its input x"),  # ...caught
+    (_square, {"check_inputs_unchanged": True}, True, ""),
 ])
-def test_same_as_compares_the_students_calls_with_the_references(function, unchanged, passed, reason):
-    verdict = _verdict(_square_probe(check_inputs_unchanged=unchanged), {"_square": function})
+def test_same_as_compares_the_students_calls_with_the_references(function, options, passed, reason):
+    verdict = _verdict(_square_probe(**options), {"_square": function})
     assert verdict.passed == passed and reason in verdict.reason, verdict
+
+
+def test_same_as_leaves_the_dtype_alone_unless_asked():
+    """A float32 result within tolerance of the float64 reference passes by default."""
+    probe = P.same_as("ex_square_tests", _square, lambda g: {"x": torch.randn(5, generator=g, dtype=P.F64)},
+                      args=("x",), rtol=1e-5, atol=1e-6)
+    assert _verdict(probe, {"_square": lambda x: (x * x).float()}).passed
 
 
 def test_same_as_with_args_and_with_a_name():

@@ -1,7 +1,7 @@
 """Trusted checks for chapter 11 (see grader/probes.py): each exercise again, on secret inputs.
 
 The distributed exercises run in real processes here too: ``run`` forks ranks in the student's
-kernel (course_lib.parallel.run_workers) with the student's function, and returns what every rank
+kernel (course_lib.launch.run_workers) with the student's function, and returns what every rank
 computed; the grader compares it with the same computation in one process.
 """
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib import parallel
+from course_lib import launch, parallel
 from course_lib import sizing as sizing_ref
 from grader.probes import F64, I64, Probe, checker, randint, same_as
 
@@ -70,7 +70,7 @@ def _dp_rank(rank, world, averager, x):
 
 def _dp_outputs(ns, x):
     world = int(x["world"][0])
-    ranks = parallel.run_workers(_dp_rank, world, args=(ns["average_gradients"], x), timeout=60)
+    ranks = launch.run_workers(_dp_rank, world, args=(ns["average_gradients"], x), timeout=60)
     return {f"rank{r}_grad{i}": g for r, grads in enumerate(ranks) for i, g in enumerate(grads)}
 
 
@@ -122,7 +122,7 @@ def _row_rank(rank, world, layer, x):
 def _row_outputs(ns, x):
     out = {}
     for world in (2, 4):
-        ranks = parallel.run_workers(_row_rank, world, args=(ns["row_parallel_linear"], x), timeout=60)
+        ranks = launch.run_workers(_row_rank, world, args=(ns["row_parallel_linear"], x), timeout=60)
         for r, values in enumerate(ranks):
             for name, value in zip(("out", "xgrad", "wgrad", "bgrad"), values, strict=True):
                 out[f"w{world}_r{r}_{name}"] = value
