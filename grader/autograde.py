@@ -141,7 +141,7 @@ class Settings:
     env: dict[str, str]
     use_sandbox: bool
     limits: sandbox.Limits
-    checks: list[probes.Probe]
+    probes: list[probes.Probe]
     release: nbformat.NotebookNode  # its setup cell and which cells are answers
     forbidden: dict[str, list[str]]  # test cell -> what its hidden tests forbid
     withheld: Path  # course_lib with this chapter's reference answers withheld (grader/trusted.py)
@@ -159,7 +159,7 @@ class Outcome:
     seed: int | None = None
 
 
-def _apply_checks(ws: Workspace, chapter: str, student: str, verdicts: dict[str, probes.Verdict],
+def _apply_verdicts(ws: Workspace, chapter: str, student: str, verdicts: dict[str, probes.Verdict],
                   already_flagged: set[str] = frozenset()) -> list[str]:
     """Make the gradebook's score of each test cell min(in-kernel, trusted); flags for the rest."""
     from nbgrader.api import Gradebook, MissingEntry
@@ -217,7 +217,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
         runner, plan = _start_trusted_checks(settings, slot, work)
         outcome = _run_notebook(ws, chapter, student, settings, slot, work, log_path)
         if outcome.status == Status.GRADED:
-            inputs = probes.make_inputs(settings.checks, seed)
+            inputs = probes.make_inputs(settings.probes, seed)
             submitted = nbformat.read(ws.submitted(student, chapter), as_version=4)
             result = runner.finish(trusted.answer_cells(submitted, settings.release), inputs,
                                    settings.notebook_timeout)
@@ -236,7 +236,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     if interrupted:
         outcome.flags.append(f"cells did not finish ({', '.join(sorted(set(interrupted)))})")
     outcome.flags += preprocessors.output_flags(graded)  # outputs capped or scrubbed
-    verdicts = probes.decide(settings.checks, inputs, result.payload)
+    verdicts = probes.decide(settings.probes, inputs, result.payload)
     for cell, calls in result.forbidden.items():
         verdicts[cell] = probes.Verdict(False, f"called {', '.join(calls)}, which this exercise forbids")
         outcome.flags.append(f"forbidden call in {cell}: {', '.join(calls)}; scored 0")
@@ -245,7 +245,7 @@ def grade_one(ws: Workspace, chapter: str, student: str, settings: Settings) -> 
     outcome.flags += [f"note: answer cell {cell} raised in the trusted checks' process ({why})"
                       for cell, why in result.answer_errors.items()]
     outcome.checks = {name: "passed" if v.passed else v.reason for name, v in verdicts.items()}
-    outcome.flags += _apply_checks(ws, chapter, student, verdicts, set(result.forbidden))
+    outcome.flags += _apply_verdicts(ws, chapter, student, verdicts, set(result.forbidden))
     outcome.seconds = time.monotonic() - start  # this student's whole grading, trusted checks included
     return outcome
 
@@ -279,7 +279,7 @@ def _sandbox_attempt(ws: Workspace, settings: Settings, slot: int, work: Path, e
 def _start_trusted_checks(settings: Settings, slot: int,
                           work: Path) -> tuple[trusted.TrustedRun, sandbox.Plan | None]:
     """Step 3 begins: the trusted checks' runner in a fresh sandbox of its own (grader/trusted.py)."""
-    job = trusted.build_job(settings.checks, trusted.setup_cell(settings.release), settings.forbidden,
+    job = trusted.build_job(settings.probes, trusted.setup_cell(settings.release), settings.forbidden,
                             trusted.answer_owners(settings.release),
                             threads=int(settings.env.get("OMP_NUM_THREADS", "1")),
                             child_timeout=settings.cell_timeout)
@@ -375,7 +375,7 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
         submissions, rejected = ingest.collect(folder, chapter, id_pattern)
     if use_sandbox:
         _require_sandbox()
-    checks, release, forbidden = _prepare_chapter(ws, chapter, cell_timeout)
+    chapter_probes, release, forbidden = _prepare_chapter(ws, chapter, cell_timeout)
     status = ws.load_status(chapter)
     status.rejected = [Record(student="", status=Status.REJECTED, message=m) for m in rejected]
     todo, flags = _plan_batch(ws, chapter, submissions, status, release, forbidden, force=force,
@@ -386,7 +386,7 @@ def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int 
     withheld = trusted.withheld_course_lib(ws.path / "trusted" / chapter,
                                            [t for targets in forbidden.values() for t in targets])
     settings = Settings(notebook_timeout, _kernel_env(quick, threads), use_sandbox,
-                        _batch_limits(limits, notebook_timeout, threads), checks, release, forbidden,
+                        _batch_limits(limits, notebook_timeout, threads), chapter_probes, release, forbidden,
                         withheld, cell_timeout=cell_timeout)
     for slot in sandbox.reserve_slots(jobs) if use_sandbox else range(jobs):
         settings.slots.put(slot)
@@ -412,12 +412,12 @@ def _prepare_chapter(ws: Workspace, chapter: str, cell_timeout: int
     if not ws.probes(chapter).exists():
         raise GraderError(f"{chapter} has no trusted checks (solutions/{chapter}/probes.py): every "
                           "autograded exercise needs one, see grader/probes.py.")
-    checks = probes.load_probes(ws.probes(chapter))
+    chapter_probes = probes.load_probes(ws.probes(chapter))
     forbidden = trusted.chapter_forbidden(nbformat.read(ws.path / "source" / chapter / f"{chapter}.ipynb",
                                                         as_version=4))
     sandbox.write_kernelspec(ws.path / "jupyter")
     release = nbformat.read(ws.release_notebook(chapter), as_version=4)
-    return checks, release, forbidden
+    return chapter_probes, release, forbidden
 
 
 def _plan_batch(ws: Workspace, chapter: str, submissions: list[ingest.Submission],

@@ -169,7 +169,7 @@ def _summary(chapter: str, rows: list[Row], cells: list[tuple[str, float]],
         lines += [f"- {_md(r.student)}: {_md(r.status)} — {_md(r.message)}" for r in problems]
     flagged = [r for r in rows if r.flags]
     if flagged:
-        lines += ["", f"## Flags ({len(flagged)} submissions; see docs/trust-model.md)", ""]
+        lines += ["", f"## Flags ({len(flagged)} submissions; see docs/instructor-guide.md, \"Flags\")", ""]
         for row in flagged:
             lines.append(f"- {_md(row.student)}:")
             lines += [f"  - {_md(flag)}" for flag in row.flags]

@@ -1,10 +1,11 @@
 """The trusted checks' process: a student's answers called on secret inputs, with what the exercise
 forbids blocked, in a fresh process that the notebook's kernel never touched.
 
-The grader starts ``python trusted_runner.py`` in a new sandbox (grader/sandbox.py) after the
-notebook has been graded. Only this file, the Python packages and a copy of course_lib whose
+The grader starts ``python trusted_runner.py`` in a new sandbox (grader/sandbox.py) while the
+notebook runs. Only this file, the Python packages and a copy of course_lib whose
 reference answers for the chapter are withheld (grader/trusted.py) are mounted: not the grader,
-not probes.py, not the notebook. The two talk in JSON lines over stdin and stdout::
+not probes.py, not the notebook. The two exchange messages (an 8-byte length, then JSON; see
+``Channel``) over stdin/stdout for data and a separate control pipe for which probe is running::
 
     grader (outside)                               this process (inside the sandbox)
     1. the job: the release's setup cell, each ->  imports; runs the setup cell (release code)

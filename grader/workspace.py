@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 
 from grader import GraderError, database
@@ -82,15 +82,19 @@ c.HTMLExporter.sanitize_html = True
 '''
 
 
-class Status(StrEnum):
-    """What became of one submission. A ``StrEnum``: each member is its lowercase string, so the
-    status files, grades.csv and summary.md read exactly as when these were bare strings."""
+class Status(str, Enum):
+    """What became of one submission. A ``str`` enum whose members print as their lowercase
+    string, so the status files, grades.csv and summary.md read exactly as when these were bare
+    strings (``enum.StrEnum`` does the same but needs Python 3.11; the course supports 3.10)."""
 
     PENDING = "pending"  # copied into the workspace, not graded yet
     GRADED = "graded"
     TIMEOUT = "timeout"  # the whole notebook ran past --notebook-timeout
     ERROR = "error"  # unreadable, or nbgrader or the kernel failed
     REJECTED = "rejected"  # an entry of the submissions with no usable student id
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass

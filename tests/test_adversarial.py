@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from grader.sandbox import FIRST_UID, TRUSTED_SLOT_OFFSET
+from grader.sandbox import FIRST_UID, STUDENT_ENV, TRUSTED_SLOT_OFFSET
 from tests.grading_helpers import once_per_session, read_grades, run_grader, tree_digest
 from tests.mini_course import CHAPTER, MAX_SCORE, make_course, solved
 
@@ -37,7 +37,8 @@ for _p in {list(paths["secrets"])!r}:
             _leaks.append(_p)
     except OSError:
         pass
-_leaks += [k for k in os.environ if k.startswith(("N2L", "PG", "NBGRADER", "JUPYTER_RUNTIME"))]
+_leaks += [k for k in os.environ if k.startswith(("COURSE_", "PG", "NBGRADER", "JUPYTER_RUNTIME"))
+           and k not in {STUDENT_ENV!r}]
 print("leaks:", _leaks)
 
 
