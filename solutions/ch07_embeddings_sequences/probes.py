@@ -162,13 +162,14 @@ LSTM_TOL = {k: (1e-5, 1e-6) for k in [f"out{LSTM_CASES - 1}_h", f"out{LSTM_CASES
             + [f"grad{LSTM_CASES - 1}_{n}" for n in ("x", "h", "c", "wih", "whh", "bih", "bhh")]}
 
 
+# same_dtype="out": the answer's out* results must have the reference's dtype (float32 stays float32).
 PROBES = [
     # (1e-7, 1e-8): F.softplus, a right answer, returns x itself beyond x = 20 (off by e^-20)
     same_as("ex1_sgns_loss_tests", ref.sgns_loss, _sgns_inputs, _sgns_outputs, rtol=1e-7, atol=1e-8,
-            tolerances=SGNS_TOL, normwise=True),
+            tolerances=SGNS_TOL, normwise=True, same_dtype="out"),
     same_as("ex2_cosine_top_k_tests", ref.cosine_top_k, _cos_inputs, _cos_outputs, rtol=1e-9, atol=1e-12,
-            tolerances=COS_TOL),
+            tolerances=COS_TOL, same_dtype="out"),
     Probe("ex3_bow_classifier_tests", inputs=_bow_inputs, run=_bow_run, check=_bow_check),
     same_as("ex4_lstm_cell_tests", ref.lstm_cell, _lstm_inputs, _lstm_outputs, rtol=1e-9, atol=1e-12,
-            tolerances=LSTM_TOL, normwise=True),
+            tolerances=LSTM_TOL, normwise=True, same_dtype="out"),
 ]

@@ -11,8 +11,9 @@ from course_lib.gpt import Block, GPTConfig
 from grader.probes import F32, F64, randint, same_as
 
 # Every output entry is a weighted sum: compared normwise (against the largest entry), float64
-# to rounding; the float32 cases (``out32``) get their own tolerances.
-WEIGHTED_SUMS = {"rtol": 1e-9, "atol": 1e-12, "normwise": True}
+# to rounding; the float32 cases (``out32``) get their own tolerances. The results keep the
+# reference's dtype (float32 stays float32).
+WEIGHTED_SUMS = {"rtol": 1e-9, "atol": 1e-12, "normwise": True, "same_dtype": "out"}
 
 
 # -- exercise 1: scaled dot-product attention ------------------------------------------------------

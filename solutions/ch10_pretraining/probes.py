@@ -180,14 +180,16 @@ def _nucleus_outputs(f, x):
             for i in range(N_NUCLEUS)}
 
 
+# same_dtype="out": the answer's out* results must have the reference's dtype (float32 stays float32).
 PROBES = [
     same_as("ex1_next_token_loss_tests", ref.next_token_loss, _loss_inputs, _loss_outputs,
-            rtol=1e-5, atol=1e-7),
+            rtol=1e-5, atol=1e-7, same_dtype="out"),
     Probe("ex2_mlm_mask_tests", inputs=_mlm_inputs, run=lambda ns, x: _mlm_outputs(ns["mlm_mask"], x),
           check=_mlm_check),
     # not same_as: the reference takes the step on one batch (_accum_reference), the answer on several
     Probe("ex3_accumulation_tests", inputs=_accum_inputs,
           run=lambda ns, x: _accum_outputs(ns["accumulation_step"], x),
           check=checker(_accum_reference, default=(1e-7, 1e-9))),
-    same_as("ex4_nucleus_tests", ref.nucleus_probs, _nucleus_inputs, _nucleus_outputs, rtol=1e-5, atol=1e-6),
+    same_as("ex4_nucleus_tests", ref.nucleus_probs, _nucleus_inputs, _nucleus_outputs, rtol=1e-5, atol=1e-6,
+            same_dtype="out"),
 ]

@@ -148,9 +148,10 @@ def _lora_outputs(cls, x):
     return out
 
 
+# same_dtype="out": the answer's out* results must have the reference's dtype (float32 stays float32).
 PROBES = [
     same_as("ex1_last_token_head_tests", ref.last_token_logits, _head_inputs, _head_outputs,
-            rtol=1e-5, atol=1e-6),
+            rtol=1e-5, atol=1e-6, same_dtype="out"),
     same_as("ex2_freeze_tests", ref.freeze_layers, _freeze_inputs, _freeze_outputs, rtol=1e-9, atol=1e-12),
     same_as("ex3_class_weights_tests", (ref.class_weights, ref.weighted_cross_entropy), _wce_inputs,
             _wce_outputs, rtol=1e-5, atol=1e-7),

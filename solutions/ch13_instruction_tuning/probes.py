@@ -121,9 +121,12 @@ def _search_outputs(f, x):
     return out
 
 
+# same_dtype="out": the out* results must have the reference's dtype (int64 labels, a float64 BLEU).
 PROBES = [
-    same_as("ex1_sft_labels_tests", ref.sft_labels, _mask_inputs, _mask_outputs, rtol=0, atol=0),
-    same_as("ex2_bleu_tests", ref.corpus_bleu, _bleu_inputs, _bleu_outputs, rtol=1e-9, atol=1e-12),
+    same_as("ex1_sft_labels_tests", ref.sft_labels, _mask_inputs, _mask_outputs, rtol=0, atol=0,
+            same_dtype="out"),
+    same_as("ex2_bleu_tests", ref.corpus_bleu, _bleu_inputs, _bleu_outputs, rtol=1e-9, atol=1e-12,
+            same_dtype="out"),
     same_as("ex3_kfold_tests", model_selection.kfold_splits, _kfold_inputs, _kfold_outputs, rtol=0, atol=0),
     same_as("ex4_random_search_tests", model_selection.random_search, _search_inputs, _search_outputs,
             rtol=1e-9, atol=1e-12),
