@@ -13,6 +13,7 @@ from grader.course import ensure_scripts_on_path, find_root, list_chapters, reso
 from grader.ingest import DEFAULT_ID_PATTERN
 
 if TYPE_CHECKING:  # imported where used: `release` needs none of the grading machinery
+    from grader.lms import Roster
     from grader.workspace import Record, Workspace
 
 
@@ -76,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--similarity-min-overlap", type=int, default=similar.min_overlap, metavar="N",
                      help="and only when at least N characters of tokenised code are in common "
                           "(default %(default)s: short, obvious answers are alike by chance)")
+    from grader import lms
+
+    rep.add_argument("--roster", type=Path, default=None, metavar="CSV",
+                     help="also write canvas.csv for Canvas's gradebook import, matching students "
+                          "through this roster (Canvas's gradebook export will do; see "
+                          "docs/instructor-guide.md, \"Grades back to the LMS\")")
+    rep.add_argument("--roster-id-column", default=None, metavar="NAME",
+                     help="the roster column holding the student ids the grader read from the "
+                          f"submissions (default {lms.DEFAULT_ROSTER_ID_COLUMN!r})")
     return parser
 
 
@@ -186,9 +196,24 @@ def _report(ws: Workspace, chapter: str, args: argparse.Namespace) -> int:
     except ValueError:
         raise GraderError("--similarity-threshold and --course-lib-threshold must be percentages in "
                           "(0, 100], --similarity-min-overlap at least 0") from None
-    out = write_report(ws, chapter, feedback=not args.no_feedback, similarity=similarity)
+    roster = _roster(args)  # read before the report: a bad roster fails in a second
+    out = write_report(ws, chapter, feedback=not args.no_feedback, similarity=similarity,
+                       roster=roster)
     print((out / "summary.md").read_text())
     print(f"wrote {out / 'grades.csv'}, {out / 'summary.md'}, {out / 'pass_rates.png'}"
           + ("" if args.no_feedback else f", {out / 'feedback'}/")
-          + ("" if args.no_similarity else f", {out / 'similarity.html'}"))
+          + ("" if args.no_similarity else f", {out / 'similarity.html'}")
+          + ("" if roster is None else f", {out / 'canvas.csv'}")
+          + f", {out.parent / 'all_grades.csv'}")
     return 0
+
+
+def _roster(args: argparse.Namespace) -> Roster | None:
+    """The ``--roster`` (grader/lms.py), or None."""
+    from grader import lms
+
+    if args.roster is None:
+        if args.roster_id_column is not None:
+            raise GraderError("--roster-id-column names a column of --roster: pass --roster too")
+        return None
+    return lms.read_roster(args.roster, args.roster_id_column or lms.DEFAULT_ROSTER_ID_COLUMN)

@@ -2,7 +2,8 @@
 
 The CSV never shows a silent 0: a submission that could not be graded (unreadable, timed out,
 crashed) has an empty score and its status and message say why; a cell that needs a manual grade
-is left empty and named in the message.
+is left empty and named in the message. With a roster, canvas.csv for Canvas's gradebook import;
+every run also rewrites reports/all_grades.csv, all chapters in one long CSV (grader/lms.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grader import GraderError
+from grader import GraderError, lms
 from grader.course import nbgrader_meta
+from grader.lms import csv_number as _fmt  # one home for CSV cells: grader/lms.py
+from grader.lms import csv_text as _csv_text  # (formula neutralisation of every CSV)
 from grader.similarity import DEFAULT_THRESHOLDS, Thresholds, similarity_flags
 from grader.workspace import Record, Status, Workspace
 
@@ -89,16 +92,6 @@ def collect_rows(ws: Workspace, chapter: str) -> tuple[list[Row], list[tuple[str
     return rows, cells
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:g}"
-
-
-def _csv_text(text: str) -> str:
-    """A text cell of grades.csv that no spreadsheet runs as a formula (CSV injection)."""
-    text = str(text)
-    return "'" + text if text.lstrip()[:1] in ("=", "+", "-", "@") or text[:1] in ("\t", "\r") else text
-
-
 def _md(text: str) -> str:
     """Text from a submission (ids, file names, messages, flags) as inert Markdown: one line, no
     HTML, no links or images, no code spans."""
@@ -107,8 +100,11 @@ def _md(text: str) -> str:
 
 
 def write_report(ws: Workspace, chapter: str, feedback: bool = True,
-                 similarity: Thresholds | None = DEFAULT_THRESHOLDS) -> Path:
-    """Write ``reports/<chapter>/``; returns that folder. ``similarity=None``: no similarity flags."""
+                 similarity: Thresholds | None = DEFAULT_THRESHOLDS,
+                 roster: lms.Roster | None = None) -> Path:
+    """Write ``reports/<chapter>/`` and ``reports/all_grades.csv``; returns the chapter's folder.
+    ``similarity=None``: no similarity flags. With a ``roster`` (grader/lms.py), also canvas.csv
+    and the unmatched students in summary.md."""
     rows, cells = collect_rows(ws, chapter)
     out = ws.reports(chapter)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +116,16 @@ def write_report(ws: Workspace, chapter: str, feedback: bool = True,
         for row in rows:
             row.flags += found.flags.get(row.student, [])
     _write_grades_csv(out / "grades.csv", rows, cells)
+    lms.write_long_csv(out.parent)  # every chapter's grades.csv, this one's new
     graded = [r for r in rows if r.status == Status.GRADED]
     rates = _pass_rates(graded, cells)
     summary = _summary(chapter, rows, cells, rates, ws.load_status(chapter).rejected)
+    # A canvas.csv left from an earlier run with a roster would hold stale grades.
+    (out / "canvas.csv").unlink(missing_ok=True)
+    if roster is not None:
+        matching = lms.match(roster, rows)
+        lms.write_canvas_csv(out / "canvas.csv", chapter, matching, sum(p for _, p in cells))
+        summary += lms.matching_summary(roster, matching, _md)
     (out / "summary.md").write_text("\n".join(summary) + "\n")
     _plot(rates, chapter, out / "pass_rates.png")
     if feedback and graded:
