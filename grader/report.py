@@ -19,7 +19,7 @@ from pathlib import Path
 from grader import GraderError, lms
 from grader.course import nbgrader_meta
 from grader.lms import csv_number as _fmt  # one home for CSV cells: grader/lms.py
-from grader.lms import csv_text as _csv_text  # (formula neutralisation of every CSV)
+from grader.lms import csv_text  # formula neutralisation, one rule for every CSV the grader writes
 from grader.similarity import DEFAULT_THRESHOLDS, Thresholds, similarity_flags
 from grader.workspace import Record, Status, Workspace
 
@@ -140,9 +140,9 @@ def _write_grades_csv(path: Path, rows: list[Row], cells: list[tuple[str, float]
         writer.writerow(["student", "status", "score", "max_score", *[n for n, _ in cells], "flags",
                          "message"])
         for row in rows:
-            writer.writerow([_csv_text(row.student), _csv_text(row.status), _fmt(row.score),
+            writer.writerow([csv_text(row.student), csv_text(row.status), _fmt(row.score),
                              _fmt(max_score), *[_fmt(row.cells.get(n)) for n, _ in cells],
-                             _csv_text(" | ".join(row.flags)), _csv_text(row.message)])
+                             csv_text(" | ".join(row.flags)), csv_text(row.message)])
 
 
 def _pass_rates(graded: list[Row], cells: list[tuple[str, float]]) -> dict[str, float | None]:

@@ -9,7 +9,9 @@
       autograded/, feedback/ nbgrader's outputs
       logs/<chapter>/<student>.log   nbgrader's log of each student's grading
       status/<chapter>.json  what happened to each submission (graded / timeout / error + why)
-      reports/<chapter>/     grades.csv, summary.md, pass_rates.png, feedback/<student>.html
+      reports/<chapter>/     grades.csv, summary.md, pass_rates.png, similarity.html,
+                             canvas.csv (with --roster), feedback/<student>.html
+      reports/all_grades.csv every chapter's grades in one long table (grader/lms.py)
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_output
 
 from grader import preprocessors
 from grader.flags import clean_submission, scan_source, submission_flags
+from grader.lms import csv_text
 from grader.preprocessors import CapOutputs, ScrubHiddenTests, output_flags
-from grader.report import _csv_text, _md
+from grader.report import _md
 from grader.workspace import CONFIG_TEMPLATE, Workspace
 from tests.grading_helpers import once_per_session, read_grades, run_grader
 from tests.mini_course import CHAPTER, MAX_SCORE, TESTS, make_course, solved, source_notebook
@@ -588,8 +589,8 @@ def test_clean_submission():
 
 def test_report_escapes():
     for text in ['=HYPERLINK("http://evil")', "+1", "-1", "@SUM(A1)", " =1", "\tx"]:
-        assert _csv_text(text).startswith("'"), text
-    assert _csv_text("alice") == "alice" and _csv_text("integrity: x") == "integrity: x"
+        assert csv_text(text).startswith("'"), text
+    assert csv_text("alice") == "alice" and csv_text("integrity: x") == "integrity: x"
     assert _md("<img src=x onerror=f()> [a](javascript:f()) `x`\nnext") == \
         "&lt;img src=x onerror=f()&gt; \\[a\\](javascript:f()) \\`x\\` next"
 

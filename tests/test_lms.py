@@ -123,7 +123,7 @@ def test_formulas_neutralised():
         assert lms.csv_text(text) == "'" + text
         assert lms.csv_text(lms.csv_text(text)) == "'" + text  # read back and written again
     assert lms.csv_text("Lovelace, Ada") == "Lovelace, Ada" and lms.csv_number(None) == ""
-    assert report._csv_text is lms.csv_text  # grades.csv uses the same (tests/test_leaks.py)
+    assert report.csv_text is lms.csv_text  # grades.csv uses the same (tests/test_leaks.py)
 
 
 @pytest.mark.parametrize("text, id_column, message", [
