@@ -278,7 +278,7 @@ def _in_place(c: _Collector, node: ast.AST) -> None:
         attr = node.func.attr
         if attr.endswith("_") and not attr.startswith("_") and attr[:-1] in IN_PLACE_TWINS:
             _rename_attribute(c, node.func, "in-place", attr[:-1])
-        elif attr in IN_PLACE_TWINS:
+        elif attr in IN_PLACE_TWINS and _changes_a_variable(node):
             _rename_attribute(c, node.func, "in-place", attr + "_")
         if attr in DROPPED_CALLS and not node.args and not node.keywords:
             c.add("in-place", node, _paren(c.at.text(node.func.value)))
@@ -290,6 +290,14 @@ def _in_place(c: _Collector, node: ast.AST) -> None:
             and isinstance(node.value.left, ast.Name) and node.value.left.id == node.targets[0].id):
         op = ARITHMETIC[type(node.value.op)]
         c.add("in-place", node, f"{node.targets[0].id} {op}= ({c.at.text(node.value.right)})")
+
+
+def _changes_a_variable(call: ast.Call) -> bool:
+    """Whether making ``call`` in place would change a tensor some name holds: torch.f(x) and x.f()
+    with x a name, attribute or item; on a temporary (torch.exp(-x)) the mutant is equivalent."""
+    module_call = isinstance(call.func.value, ast.Name) and call.func.value.id in ("torch", "F")
+    tensor = (call.args[0] if call.args else None) if module_call else call.func.value
+    return isinstance(tensor, (ast.Name, ast.Attribute, ast.Subscript))
 
 
 def _dropped_statement(c: _Collector, node: ast.AST) -> None:

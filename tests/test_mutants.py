@@ -69,6 +69,8 @@ def test_only_the_solution_is_mutated_and_every_mutant_parses():
     ("    x += n\n    return x", "in-place", {"x = x + (n)"}),
     ("    x = x * n\n    return x", "in-place", {"x *= (n)"}),
     ("    return x.clone()", "in-place", {"return (x)"}),
+    ("    return torch.exp(x) + torch.exp(-x) + (x + 1).exp()", "in-place",
+     {"return torch.exp_(x) + torch.exp(-x) + (x + 1).exp()"}),  # in place on a temporary: equivalent
     ("    y = x[:n]\n    return y", "slice", {"y = x[:(n + 1)]", "y = x[:(n - 1)]"}),
 ])
 def test_each_operator(body, operator, want):
