@@ -426,6 +426,7 @@ class Outcome:
     status: str  # "test" | "check" | "timeout" | "crash" (killed), "equivalent" | "survived"
     detail: str = ""
     seconds: float = 0.0
+    check_failed: bool = False  # the trusted check failed it (whatever the test cell did)
 
 
 @dataclass
@@ -568,7 +569,8 @@ def _classify(result: dict | None, timed_out: bool) -> tuple[str, str]:
     return "survived", ""
 
 
-def _finish(job: _Running, timed_out: bool) -> tuple[str, str, float]:
+def _finish(job: _Running, timed_out: bool) -> tuple[str, str, float, bool]:
+    """(status, detail, seconds, whether the trusted check failed) of a finished or stuck child."""
     if timed_out:
         with contextlib.suppress(OSError):
             os.killpg(job.pid, signal.SIGKILL)
@@ -578,7 +580,8 @@ def _finish(job: _Running, timed_out: bool) -> tuple[str, str, float]:
         result = None if timed_out else json.loads(b"".join(job.chunks).decode())
     except ValueError:
         result = None
-    return (*_classify(result, timed_out), time.monotonic() - job.started)
+    check_failed = bool(result and result.get("checks"))
+    return (*_classify(result, timed_out), time.monotonic() - job.started, check_failed)
 
 
 def _poll(job: _Running) -> bool:
@@ -629,6 +632,7 @@ class ExerciseReport:
         return {"exercise": self.exercise, "cell": self.cell, "baseline": self.baseline, "mutants": mutants,
                 "killed": killed, "killed_by_test": self.count("test"),
                 "killed_by_check_only": self.count("check"),
+                "caught_by_check": sum(o.check_failed for o in self.outcomes),
                 "timeout": self.count("timeout"), "crash": self.count("crash"), "equivalent": equivalent,
                 "survivors": self.count("survived"), "score": round(killed / scored, 3) if scored else None}
 
@@ -637,7 +641,7 @@ def run_exercise(chapter: Chapter, cell, equivalents: list[Equivalent], limit: i
                  timeout: float, extra_gib: float) -> ExerciseReport:
     exercise = cell.grade_id.split("_")[0]
     report = ExerciseReport(exercise, cell.grade_id)
-    (_, status, detail, seconds), = grade_all(chapter, exercise, [None], 1, max(timeout, 600.0), extra_gib)
+    (_, status, detail, seconds, _), = grade_all(chapter, exercise, [None], 1, max(timeout, 600.0), extra_gib)
     if status != "survived":  # the solution must pass its own tests, else nothing here means anything
         report.baseline = f"{status}: {detail}"
         return report
@@ -646,8 +650,9 @@ def run_exercise(chapter: Chapter, cell, equivalents: list[Equivalent], limit: i
     todo = [m for m in chosen if not any(e.matches(m) for e in equivalents)]
     report.outcomes = [Outcome(m, "equivalent", next(e.reason for e in equivalents if e.matches(m)))
                        for m in chosen if m not in todo]
-    for mutant, status, detail, seconds in grade_all(chapter, exercise, todo, jobs, per_mutant, extra_gib):
-        report.outcomes.append(Outcome(mutant, status, detail, round(seconds, 2)))
+    for mutant, status, detail, seconds, check_failed in grade_all(chapter, exercise, todo, jobs, per_mutant,
+                                                                   extra_gib):
+        report.outcomes.append(Outcome(mutant, status, detail, round(seconds, 2), check_failed))
     report.outcomes.sort(key=lambda o: o.mutant.id)
     return report
 
@@ -659,7 +664,7 @@ def format_text(chapter: str, reports: list[ExerciseReport]) -> str:
     """One line per exercise, then each survivor with its id and diff."""
     lines = [f"mutation testing of {chapter}",
              f"{'exercise':<28} {'mutants':>7} {'killed':>6} {'test':>5} {'check':>5} {'timeout':>7} "
-             f"{'equiv':>5} {'survive':>7} {'score':>6}"]
+             f"{'equiv':>5} {'survive':>7} {'score':>6} {'trusted':>7}"]
     for report in reports:
         s = report.summary()
         if report.baseline != "passed":
@@ -668,7 +673,7 @@ def format_text(chapter: str, reports: list[ExerciseReport]) -> str:
         score = "-" if s["score"] is None else f"{s['score']:.0%}"
         lines.append(f"{s['cell']:<28} {s['mutants']:>7} {s['killed']:>6} {s['killed_by_test']:>5} "
                      f"{s['killed_by_check_only']:>5} {s['timeout'] + s['crash']:>7} {s['equivalent']:>5} "
-                     f"{s['survivors']:>7} {score:>6}")
+                     f"{s['survivors']:>7} {score:>6} {s['caught_by_check']:>7}")
     for report in reports:
         for outcome in (o for o in report.outcomes if o.status == "survived"):
             lines += ["", f"survivor {outcome.mutant.id}", outcome.mutant.diff]
@@ -679,7 +684,8 @@ def to_json(chapter: str, reports: list[ExerciseReport]) -> dict:
     return {"chapter": chapter, "exercises": [
         {**r.summary(), "mutants_graded": [
             {"id": o.mutant.id, "operator": o.mutant.operator, "status": o.status, "detail": o.detail[:300],
-             "seconds": o.seconds, "diff": o.mutant.diff} for o in r.outcomes]} for r in reports]}
+             "check_failed": o.check_failed, "seconds": o.seconds, "diff": o.mutant.diff}
+            for o in r.outcomes]} for r in reports]}
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -122,12 +122,13 @@ def test_the_report():
     mutants = _mutants("    return x + n if n < 3 else x")
     report = M.ExerciseReport("ex1", "ex1_f")
     statuses = ["test", "check", "timeout", "equivalent", "survived", "survived"]
-    report.outcomes = [M.Outcome(m, s) for m, s in zip(mutants, statuses, strict=False)]
+    report.outcomes = [M.Outcome(m, s, check_failed=s in ("check", "test")) for m, s in
+                       zip(mutants, statuses, strict=False)]
     summary = report.summary()
     assert summary | {"score": None} == {
         "exercise": "ex1", "cell": "ex1_f", "baseline": "passed", "mutants": 6, "killed": 3,
         "killed_by_test": 1, "killed_by_check_only": 1, "timeout": 1, "crash": 0, "equivalent": 1,
-        "survivors": 2, "score": None}
+        "survivors": 2, "score": None, "caught_by_check": 2}
     assert summary["score"] == 0.6  # killed / (mutants - equivalent)
     text = M.format_text("ch99_demo", [report])
     assert "ex1_f" in text and "60%" in text
