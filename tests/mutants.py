@@ -231,7 +231,7 @@ def _dim_argument(c: _Collector, node: ast.AST) -> None:
         is_module_call = isinstance(node.func.value, ast.Name) and node.func.value.id in ("torch", "F")
         position = 1 if is_module_call else 0
         dims += node.args[position:position + 1]
-    for dim in dims:
+    for dim in [e for d in dims for e in (d.elts if isinstance(d, ast.Tuple) else [d])]:  # dim=(-2, -1)
         value = _int_value(dim)
         if value in DIM_SWAPS:
             c.add("dim", dim, _paren(str(DIM_SWAPS[value])))

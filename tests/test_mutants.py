@@ -56,6 +56,8 @@ def test_only_the_solution_is_mutated_and_every_mutant_parses():
     ("    return -x", "unary", {"return (x)"}),
     ("    return x.sum(dim=-1)", "dim", {"return x.sum(dim=(-2))"}),
     ("    return x.softmax(1)", "dim", {"return x.softmax((0))"}),
+    ("    return x.amax(dim=(-2, -1))", "dim",
+     {"return x.amax(dim=((-1), -1))", "return x.amax(dim=(-2, (-2)))"}),
     ("    return torch.cat([x, n], 0)", "dim", {"return torch.cat([x, n], (1))"}),
     ("    return x.sum(dim=0)", "keepdim", {"return x.sum(dim=0, keepdim=True)"}),
     ("    return x.amax(dim=0, keepdim=True)", "keepdim", {"return x.amax(dim=0, keepdim=False)"}),
