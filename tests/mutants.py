@@ -146,13 +146,13 @@ def _paren(text: str) -> str:
 class _Collector(ast.NodeVisitor):
     """Walk a cell's tree and propose :class:`Edit` s for the nodes inside the solution lines."""
 
-    def __init__(self, source: str, first_line: int, last_line: int) -> None:
+    def __init__(self, source: str, regions: list[tuple[int, int]]) -> None:
         self.at = _Positions(source)
-        self.first, self.last = first_line, last_line
+        self.regions = regions  # (first line, last line) of each solution part
         self.edits: list[Edit] = []
 
     def inside(self, node: ast.AST) -> bool:
-        return self.first <= node.lineno and node.end_lineno <= self.last
+        return any(first <= node.lineno and node.end_lineno <= last for first, last in self.regions)
 
     def add(self, operator: str, node: ast.AST, text: str) -> None:
         start, end = self.at.span(node)
@@ -325,14 +325,15 @@ OPERATORS = ["arithmetic", "comparison", "boundary", "constant", "unary", "dim",
              "dtype", "in-place", "drop", "slice"]
 
 
-def solution_lines(source: str) -> tuple[int, int]:
-    """The 1-based lines strictly between the solution markers (the whole cell when it has none)."""
+def solution_lines(source: str) -> list[tuple[int, int]]:
+    """The 1-based (first, last) lines strictly between each pair of solution markers (a cell can
+    have several: a class's methods); the whole cell when it has none."""
     lines = source.splitlines()
-    begin = next((i for i, line in enumerate(lines) if BEGIN in line), None)
-    end = next((i for i, line in enumerate(lines) if END in line), None)
-    if begin is None or end is None:
-        return 1, len(lines)
-    return begin + 2, end
+    begins = [i + 2 for i, line in enumerate(lines) if BEGIN in line]
+    ends = [i for i, line in enumerate(lines) if END in line]
+    if not begins or len(begins) != len(ends):
+        return [(1, len(lines))]
+    return list(zip(begins, ends, strict=True))
 
 
 def _with_parents(tree: ast.AST) -> ast.AST:
@@ -356,8 +357,7 @@ def _diff(old: str, new: str, cell: str) -> str:
 
 def mutants_of(cell: str, source: str) -> list[Mutant]:
     """Every valid, distinct one-edit mutant of the solution part of answer cell ``cell``."""
-    first, last = solution_lines(source)
-    collector = _Collector(source, first, last)
+    collector = _Collector(source, solution_lines(source))
     collector.visit(_with_parents(ast.parse(source)))
     exercise = cell.split("_")[0]
     seen, mutants = {source}, []

@@ -106,6 +106,15 @@ def test_mutants_outside_the_markers_and_in_f_strings_are_not_made():
     assert not [m for m in _mutants("    return f'{x + 1}'") if m.operator != "drop"]
 
 
+def test_every_solution_part_of_a_cell_is_mutated():
+    source = ("class C:\n    def f(self, x):\n        ### BEGIN SOLUTION\n        return x + 1\n"
+              "        ### END SOLUTION\n\n    def g(self, x):\n        y = x * 2\n"
+              "        ### BEGIN SOLUTION\n        return y - 3\n        ### END SOLUTION\n")
+    assert M.solution_lines(source) == [(4, 4), (10, 10)]
+    arithmetic = {m.snippet for m in M.mutants_of("ex5_c", source) if m.operator == "arithmetic"}
+    assert arithmetic == {"return (x - 1)", "return (y + 3)"}  # not y = x * 2, outside the markers
+
+
 def test_the_equivalents_file(tmp_path):
     (tmp_path / "ch99_demo.toml").write_text(
         '[[equivalent]]\nexercise = "ex1"\nid = "ex1_f:5:12:boundary:<="\nreason = "ties never happen"\n'
