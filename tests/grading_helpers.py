@@ -98,15 +98,27 @@ def cells_by_role(nb: dict) -> tuple[dict[str, str], dict[str, float]]:
 FIXTURES = REPO / "tests" / "fixtures" / "wrong_answers"
 
 
-def wrong_answers(chapter: str) -> list[dict]:
-    """The chapter's wrong-answer fixtures: ``{"name", "answers": {cell: source}, "fails": [...]}``."""
+def _fixture_module(chapter: str):
     path = FIXTURES / f"{chapter}.py"
     if not path.exists():
-        return []
+        return None
     spec = importlib.util.spec_from_file_location(f"wrong_{chapter}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.WRONG_ANSWERS
+    return module
+
+
+def wrong_answers(chapter: str) -> list[dict]:
+    """The chapter's wrong-answer fixtures: ``{"name", "answers": {cell: source}, "fails": [...]}``."""
+    module = _fixture_module(chapter)
+    return module.WRONG_ANSWERS if module else []
+
+
+def correct_answers(chapter: str) -> list[dict]:
+    """The chapter's other correct answers, which must score full marks: ``{"name", "answers"}``
+    (``CORRECT_ANSWERS`` in the same fixture file; issue 19)."""
+    module = _fixture_module(chapter)
+    return list(getattr(module, "CORRECT_ANSWERS", [])) if module else []
 
 
 def combined_wrong_answer(chapter: str, most: int = 3) -> dict:

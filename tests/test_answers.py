@@ -1,7 +1,8 @@
 """Every chapter's answers graded in-process, with the grader's own test code (tests/answer_harness.py).
 
 Per chapter, in one process: the solution passes every test cell and every trusted check; the blank
-release fails every test cell and every trusted check; each wrong answer in
+release fails every test cell and every trusted check; each correct alternative (``CORRECT_ANSWERS``)
+passes them all; each wrong answer in
 ``tests/fixtures/wrong_answers/<chapter>.py`` fails exactly the test cells it lists (in-kernel
 tests and trusted checks combined, as the grader scores them) and passes all the others; so does
 the combination of several wrong answers that the round trip also grades for real
@@ -16,7 +17,7 @@ import pytest
 
 from grader.course import list_chapters
 from tests.answer_harness import demo_names_read_by_tests, grade_cases
-from tests.grading_helpers import REPO, cells_by_role, combined_wrong_answer, wrong_answers
+from tests.grading_helpers import REPO, cells_by_role, combined_wrong_answer, correct_answers, wrong_answers
 
 CHAPTERS = list_chapters(REPO)
 
@@ -37,6 +38,10 @@ def test_fixtures_are_well_formed(chapter):
     combined = combined_wrong_answer(chapter)
     assert len(combined["parts"]) >= 2, \
         f"{chapter}: no two wrong answers replace different answer cells and fail different test cells"
+    for case in correct_answers(chapter):
+        unknown = set(case["answers"]) - set(solutions)
+        assert not unknown, f"{chapter} correct alternative {case['name']!r} names unknown cells {unknown}"
+        assert not case.get("fails"), f"{chapter} correct alternative {case['name']!r} lists failures"
     # The harness skips demo cells: a test cell that read a demo's variable would be run wrongly.
     assert demo_names_read_by_tests(chapter) == {}
 
@@ -46,9 +51,10 @@ def test_answers_graded_in_process(chapter):
     solutions, tests = cells_by_role(_notebook("solutions", chapter))
     blank, _ = cells_by_role(_notebook("chapters", chapter))
     fixtures = wrong_answers(chapter)
+    alternatives = [{**case, "fails": []} for case in correct_answers(chapter)]
     cases = [{"name": "solution", "answers": {}, "fails": []},
              {"name": "blank release", "answers": blank, "fails": sorted(tests)},
-             combined_wrong_answer(chapter), *fixtures]
+             combined_wrong_answer(chapter), *fixtures, *alternatives]
     results = grade_cases(chapter, cases)
     problems, output = [], ""
     for case, result in zip(cases, results, strict=True):
@@ -66,7 +72,7 @@ def test_answers_graded_in_process(chapter):
                  if why == "passed"]
     # Most wrong answers must also be caught outside the kernel (the rest by the hidden tests).
     caught = sum(any(r.checks.get(c) != "passed" for c in case["fails"])
-                 for case, r in zip(fixtures, results[3:], strict=True))
+                 for case, r in zip(fixtures, results[3:3 + len(fixtures)], strict=True))
     if caught < len(fixtures) // 2:
         problems.append(f"the trusted checks caught only {caught} of {len(fixtures)} wrong answers")
     assert not problems, "\n".join(problems) + "\n" + output
