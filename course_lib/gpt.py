@@ -310,7 +310,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            # bf16/fp16 logits (autocast) are scored in fp32; fp32 and fp64 models keep their dtype.
+            scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            loss = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -463,6 +465,53 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     if top_p is not None and top_p < 1:
         logits = top_p_filter(logits, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``logits`` ``(B, V)``: the arg-max at temperature 0, else a draw
+    from the softmax of ``logits / temperature`` cut to the ``top_k`` largest (one
+    ``torch.multinomial`` call with ``generator``)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Chapter 10's ``generate``, written out: ``idx`` ``(B, T)`` followed by ``max_new_tokens``
+    new tokens, ``(B, T + max_new_tokens)``. The same tokens as :meth:`GPT.generate` without top-p.
+
+    Without the cache every new token runs the model on the last ``block_size`` tokens. With it,
+    the prompt (its last ``block_size`` tokens) is run once into a fresh :class:`KVCache`
+    (*prefill*), and each later call feeds only the token just chosen: its position follows the
+    cached ones and attention reads the cached keys and values. When the cache is full
+    (``cache.length == block_size``), a fresh cache is prefilled with the last ``block_size // 2``
+    tokens. The model is in eval mode while generating and gets its mode back afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    block = model.config.block_size
+    cache = None
+    try:
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = model(idx[:, -block:])[0][:, -1]
+            elif cache is None or cache.length == block:
+                keep = block if cache is None else block // 2
+                cache = model.new_cache()
+                logits = model(idx[:, -keep:], cache=cache)[0][:, -1]
+            else:
+                logits = model(idx[:, -1:], cache=cache)[0][:, -1]
+            idx = torch.cat([idx, _next_token(logits, temperature, top_k, generator)], dim=1)
+    finally:
+        model.train(was_training)
+    return idx
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,65 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+def evaluate_batches(model: nn.Module, batches) -> float:
+    """Mean of ``model(x, y)``'s loss over ``batches`` (a list of ``(x, y)``), in eval mode and
+    without gradients; the model goes back to train mode afterwards."""
+    model.eval()
+    with torch.no_grad():
+        total = sum(float(model(x, y)[1]) for x, y in batches)
+    model.train()
+    return total / len(batches)
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
+               get_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int, max_lr: float,
+               min_lr: float, warmup_steps: int, accum_steps: int = 1, grad_clip: float = 1.0,
+               val_batches=(), eval_every: int = 0) -> dict[str, list]:
+    """The training loop of chapter 10, written out with every choice explicit (the exercise's
+    reference; :class:`Trainer` is the same loop with checkpoints, mixed precision and logging).
+
+    ``model(x, y)`` returns ``(logits, mean loss)``; ``get_batch()`` returns the next training
+    micro-batch ``(x, y)`` (all randomness of the data lives in it, so the run is deterministic
+    when it is). Step ``s = 0 .. steps - 1``:
+
+    1. every parameter group's learning rate is :func:`lr_at` ``(s, max_lr, min_lr, warmup_steps, steps)``;
+    2. the gradients are cleared, then for ``accum_steps`` micro-batches ``get_batch()`` is called
+       and ``loss / accum_steps`` is back-propagated (gradients add up to the mean's);
+    3. if ``grad_clip > 0`` the global norm of all the gradients is clipped to ``grad_clip``;
+    4. ``optimizer.step()``; the step's training loss is the mean of its micro-batch losses;
+    5. after step ``s + 1`` that is a multiple of ``eval_every`` (``eval_every > 0``), and after the
+       last step, the model is evaluated on ``val_batches`` (:func:`evaluate_batches`) when given.
+
+    Returns ``{"lr": [...], "train_loss": [...]}`` (one float per step) and ``"eval_step"`` /
+    ``"val_loss"`` (the step counts after which it evaluated, and the losses). The gradients are
+    cleared at the end.
+    """
+    history: dict[str, list] = {"lr": [], "train_loss": [], "eval_step": [], "val_loss": []}
+    model.train()
+    for step in range(steps):
+        lr = lr_at(step, max_lr, min_lr, warmup_steps, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(accum_steps):
+            x, y = get_batch()
+            loss = model(x, y)[1] / accum_steps
+            loss.backward()
+            total += loss.item()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        history["lr"].append(lr)
+        history["train_loss"].append(total)
+        done = step + 1
+        if val_batches and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+            history["eval_step"].append(done)
+            history["val_loss"].append(evaluate_batches(model, val_batches))
+    optimizer.zero_grad(set_to_none=True)
+    return history
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95),
                    device: torch.device | str | None = None) -> torch.optim.AdamW:

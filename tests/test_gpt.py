@@ -21,6 +21,7 @@ from course_lib.gpt import (
     causal_mask,
     decode_step_static,
     flops_per_token,
+    generate,
     mfu,
     padded_vocab_size,
     peak_bf16_flops,
@@ -285,6 +286,63 @@ def test_sampling_is_repeatable_with_a_generator_and_restores_training_mode():
     b = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
     assert model.training
+
+
+class CountingModel:
+    """A GPT seen through a wrapper that records how many positions each call feeds."""
+
+    def __init__(self, model):
+        self.model, self.config, self.calls = model, model.config, []
+
+    def __call__(self, idx, *args, cache=None, **kwargs):
+        self.calls.append((idx.shape[1], None if cache is None else cache.length))
+        return self.model(idx, *args, cache=cache, **kwargs)
+
+    def new_cache(self):
+        return self.model.new_cache()
+
+    def eval(self):
+        return self.model.eval()
+
+    def train(self, mode=True):
+        return self.model.train(mode)
+
+    @property
+    def training(self):
+        return self.model.training
+
+
+def test_generate_function_matches_the_method_and_feeds_one_token_per_step():
+    model = tiny_model()
+    prompt = random_ids(2, 5)
+    for new in (3, 19, 45):  # within the window, filling it, and past it (the cache refills)
+        counted = CountingModel(model)
+        out = generate(counted, prompt, new, temperature=0)
+        assert torch.equal(out, model.generate(prompt, new, temperature=0))
+        if new <= 19:
+            assert torch.equal(out, generate(model, prompt, new, temperature=0, use_cache=False))
+        assert counted.calls[0] == (5, 0)
+        decode = [c for c in counted.calls[1:] if c[1] != 0]
+        assert all(length == 1 for length, _ in decode) and len(counted.calls) == new
+        refills = [c for c in counted.calls[1:] if c[1] == 0]
+        assert refills == [(12, 0)] * len(refills) and len(refills) == max(0, (new - 21) // 13 + 1)
+        plain = CountingModel(model)
+        generate(plain, prompt, new, temperature=0, use_cache=False)
+        assert [c[1] for c in plain.calls] == [None] * new
+        assert [c[0] for c in plain.calls] == [min(5 + i, 24) for i in range(new)]
+    for top_k in (None, 5):
+        a = generate(model, prompt, 30, 0.9, top_k, generator=torch.Generator().manual_seed(2))
+        b = model.generate(prompt, 30, 0.9, top_k, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b)
+
+
+def test_generate_function_restores_the_mode_and_crops_a_long_prompt():
+    model = tiny_model(dropout=0.5).train()
+    prompt = random_ids(1, 30)
+    counted = CountingModel(model)
+    out = generate(counted, prompt, 4, temperature=0)
+    assert model.training and counted.calls[0] == (24, 0) and counted.calls[1] == (12, 0)
+    assert torch.equal(out, model.generate(prompt, 4, temperature=0))
 
 
 # --- sampling filters ---------------------------------------------------------------------------

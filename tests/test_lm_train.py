@@ -30,6 +30,7 @@ from course_lib.lm_train import (
     make_optimizer,
     resolve_precision,
     save_weights,
+    train_loop,
 )
 from course_lib.tokenizers import CharTokenizer
 
@@ -165,6 +166,45 @@ def test_gradient_clipping_bounds_the_update_norm():
     trainer.optimizer.step = spy
     trainer.optimizer_step()
     assert captured["norm"].item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_train_loop_is_the_trainers_loop():
+    """The written-out loop (chapter 10's exercise) takes the Trainer's steps: same losses, same
+    learning rates, same weights, with accumulation and clipping."""
+    batches = fixed_batches(3, 4, seed=3)
+    config = TrainConfig(max_steps=7, batch_size=4, grad_accum=3, lr=3e-3, min_lr=3e-4, warmup_steps=3,
+                         grad_clip=0.5, eval_every=0, precision="fp32")
+    trainer = Trainer(tiny_model(), FixedBatches(batches), config, device="cpu")
+    trainer.fit(progress=False)
+    model = tiny_model()
+    served = FixedBatches(batches)
+    history = train_loop(model, make_optimizer(model, 3e-3, device="cpu"),
+                         lambda: served.get_batch("train", 4, 16), 7, 3e-3, 3e-4, 3,
+                         accum_steps=3, grad_clip=0.5)
+    assert served.calls == 21
+    assert history["lr"] == pytest.approx(trainer.history.lr, rel=1e-12)
+    assert history["train_loss"] == pytest.approx(trainer.history.step_loss, rel=1e-5)
+    assert history["eval_step"] == [] and history["val_loss"] == []
+    for (name, a), b in zip(model.named_parameters(), trainer.raw_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert a.grad is None
+
+
+def test_train_loop_evaluates_in_eval_mode_when_asked():
+    model = tiny_model(dropout=0.3)
+    val = fixed_batches(2, 3, seed=9)
+    history = train_loop(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         lambda: fixed_batches(1, 2)[0], 5, 0.1, 0.01, 0, eval_every=2, val_batches=val)
+    assert history["eval_step"] == [2, 4, 5] and len(history["train_loss"]) == 5
+    assert history["lr"][0] == pytest.approx(0.1)
+    assert model.training
+    want = lm_train.evaluate_batches(model, val)
+    assert model.training
+    with torch.no_grad():
+        model.eval()
+        assert want == pytest.approx(sum(float(model(x, y)[1]) for x, y in val) / 2, rel=1e-6)
+    # No dropout while evaluating: twice the same number.
+    assert lm_train.evaluate_batches(model, val) == want
 
 
 # --- checkpoints --------------------------------------------------------------------------------
