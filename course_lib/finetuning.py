@@ -13,6 +13,9 @@
 - Metrics: :func:`confusion_matrix` (rows: true class, columns: predicted) and
   :func:`classification_metrics` (accuracy, per-class precision / recall / F1, macro F1), with
   the convention that a ratio whose denominator is 0 is 0 (scikit-learn's ``zero_division=0``).
+- Honest evaluation: :func:`split_validation` (choices are made on whole validation plays, never on
+  the test plays), :func:`bow_baseline` (chapter 7's bag of words), :func:`wilson_interval` and
+  :func:`bootstrap_by_group` (how sure a test accuracy is).
 - Training: :func:`fit_classifier` and :func:`predict_logits`, which can start from cached hidden
   states at ``start_layer`` when the blocks below are frozen (computed once, not at every step).
 """
@@ -51,6 +54,25 @@ def genre_texts(
     passages = genre_passages(passage_words, max_per_play, seed, split_words=str.split)
     return {split: ([" ".join(doc) for doc in docs], labels, plays)
             for split, (docs, labels, plays) in passages.items()}
+
+
+def split_validation(
+    data: dict[str, tuple[list[str], torch.Tensor, list[str]]], val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, tuple[list[str], torch.Tensor, list[str]]]:
+    """Move whole plays of ``data["train"]`` into a validation split ``"val"`` (chapter 9's
+    :func:`~course_lib.data_prep.grouped_split`, each passage a unit of size 1), so that choices
+    made on it (learning rates, which recipe) never look at the test plays, and validation passages
+    never share a play with the training ones. ``"test"`` is unchanged."""
+    from course_lib.data_prep import grouped_split
+
+    texts, labels, plays = data["train"]
+    train, val = grouped_split(plays, [1] * len(plays), val_fraction=val_fraction, seed=seed)
+
+    def subset(index: list[int]) -> tuple[list[str], torch.Tensor, list[str]]:
+        rows = torch.tensor(index, dtype=torch.long)
+        return [texts[i] for i in index], labels[rows], [plays[i] for i in index]
+
+    return {"train": subset(train), "val": subset(val), "test": data["test"]}
 
 
 def gpt_batch(
@@ -410,3 +432,70 @@ def fit_classifier(
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# How sure is a test accuracy? Intervals
+# ---------------------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a proportion ``successes / n`` (95% for ``z = 1.96``): unlike
+    ``p +- z sqrt(p (1 - p) / n)`` it stays inside [0, 1] and is not empty at ``p = 0`` or 1. It
+    treats the ``n`` trials as independent."""
+    if n <= 0:
+        raise ValueError(f"n must be >= 1, got {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_by_group(
+    correct: torch.Tensor, groups: Sequence, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of an accuracy whose examples come in correlated ``groups``
+    (passages of one play): each replicate draws whole groups with replacement and pools their
+    examples. Passages of one play are not independent, so this interval is wider, and more
+    honest, than one that resamples passages."""
+    names = sorted(set(groups))
+    index = {name: i for i, name in enumerate(names)}
+    group_of = torch.tensor([index[g] for g in groups])
+    hits = torch.zeros(len(names), dtype=torch.float64).index_add_(0, group_of, correct.to(torch.float64))
+    sizes = torch.bincount(group_of, minlength=len(names)).to(torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, len(names), (n_boot, len(names)), generator=g)
+    acc = hits[draws].sum(1) / sizes[draws].sum(1)
+    tail = (1 - level) / 2
+    return float(torch.quantile(acc, tail)), float(torch.quantile(acc, 1 - tail))
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: chapter 7's bag of words
+# ---------------------------------------------------------------------------------------------
+
+
+def bow_baseline(
+    train_texts: Sequence[str],
+    train_labels: torch.Tensor,
+    eval_texts: Sequence[Sequence[str]],
+    n_classes: int = 3,
+    max_vocab: int = 2000,
+    steps: int = 200,
+    lr: float = 0.1,
+    weight_decay: float = 1e-4,
+) -> list[torch.Tensor]:
+    """Chapter 7's classifier: a bag of words (lower-cased words, a vocabulary of at most
+    ``max_vocab`` words built from the training texts only, ``log(1 + count)`` features scaled to
+    unit length) and multinomial logistic regression (:func:`course_lib.embeddings.fit_bow_classifier`).
+    It reads every word of a passage. Returns the predicted labels of each list of ``eval_texts``."""
+    from itertools import chain
+
+    from course_lib.embeddings import bag_of_words, build_vocab, fit_bow_classifier, tf_features, words
+
+    train_docs = [words(t) for t in train_texts]
+    vocab, _ = build_vocab(list(chain.from_iterable(train_docs)), max_vocab)
+    w, b = fit_bow_classifier(tf_features(bag_of_words(train_docs, vocab)), train_labels, n_classes,
+                              steps=steps, lr=lr, weight_decay=weight_decay)
+    return [(tf_features(bag_of_words([words(t) for t in texts], vocab)) @ w + b).argmax(1)
+            for texts in eval_texts]

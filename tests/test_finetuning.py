@@ -173,3 +173,41 @@ def test_fit_classifier_learns_a_separable_task():
     assert losses[-1] < 0.5 * losses[0]
     acc = (ft.predict_logits(model, {"ids": ids, "attention_mask": mask}).argmax(1) == labels).float().mean()
     assert acc > 0.9
+
+
+def test_split_validation_holds_out_whole_training_plays():
+    data = ft.split_validation(ft.genre_texts(passage_words=40, max_per_play=20), val_fraction=0.2, seed=0)
+    train, val, test = (set(data[k][2]) for k in ("train", "val", "test"))
+    assert not train & val and not (train | val) & test and test == set(TEST_PLAYS)
+    assert len(train | val) == 26 and len(val) >= 2
+    n_val, n_all = len(data["val"][0]), len(data["val"][0]) + len(data["train"][0])
+    assert 0.2 <= n_val / n_all < 0.2 + 20 / n_all  # overshoots by less than one play (20 passages)
+    texts, labels, plays = data["val"]
+    assert len(texts) == len(labels) == len(plays) and labels.dtype == torch.int64
+
+
+def test_wilson_interval_known_values():
+    lo, hi = ft.wilson_interval(81, 263)  # Wilson (1927) / Newcombe (1998) example: 0.2553 to 0.3662
+    assert abs(lo - 0.2553) < 5e-4 and abs(hi - 0.3662) < 5e-4
+    assert ft.wilson_interval(0, 10)[0] == 0.0 and ft.wilson_interval(10, 10)[1] == 1.0
+    assert ft.wilson_interval(0, 10)[1] > 0.2  # not empty at p = 0
+    with pytest.raises(ValueError):
+        ft.wilson_interval(0, 0)
+
+
+def test_bootstrap_by_group_is_wider_when_groups_disagree():
+    groups = [g for g in range(8) for _ in range(20)]
+    uniform = torch.tensor([i % 2 == 0 for i in range(160)])  # every play half right
+    split = torch.tensor([g < 4 for g in groups])  # four plays all right, four all wrong
+    lo_u, hi_u = ft.bootstrap_by_group(uniform, groups, seed=0)
+    lo_s, hi_s = ft.bootstrap_by_group(split, groups, seed=0)
+    assert lo_u == hi_u == 0.5  # no play differs from another: nothing to resample
+    assert lo_s < 0.25 and hi_s > 0.75 and lo_s <= 0.5 <= hi_s
+    assert ft.bootstrap_by_group(split, groups, seed=0) == (lo_s, hi_s)
+
+
+def test_bow_baseline_learns_word_cues():
+    train = ["the king the crown"] * 5 + ["the clown the jest"] * 5
+    labels = torch.tensor([1] * 5 + [0] * 5)
+    (pred,) = ft.bow_baseline(train, labels, [["a crown for the king", "a jest"]], n_classes=2)
+    assert pred.tolist() == [1, 0]

@@ -22,6 +22,9 @@ def _head_inputs(g):
         dtype = F64 if i % 2 else F32
         mask = (torch.rand(b, t, generator=g) < 0.6).long()
         mask[:, randint(g, 0, t - 1)] = 1
+        if i == 0:  # a row whose only real token is the first: its "last real position" is 0
+            mask[0] = 0
+            mask[0, 0] = 1
         x[f"hidden{i}"] = torch.randn(b, t, d, generator=g, dtype=dtype)
         x[f"mask{i}"] = mask
         x[f"w{i}"] = torch.randn(c, d, generator=g, dtype=dtype)
@@ -36,22 +39,32 @@ def _head_outputs(f, x):
 # -- exercise 2: freezing ------------------------------------------------------------------------------
 
 
+N_FREEZE = 4
+
+
 def _freeze_inputs(g):
-    layers = randint(g, 1, 5)
-    return {"cfg": torch.tensor([layers, randint(g, 0, layers), randint(g, 2, 4), randint(g, 0, 10**6)])}
+    x = {}
+    for i in range(N_FREEZE):
+        layers = randint(g, 2, 5)
+        # case 0 trains every block, case 1 none, the others a random number in between
+        k = (layers, 0)[i] if i < 2 else randint(g, 1, layers - 1)
+        x[f"cfg{i}"] = torch.tensor([layers, k, randint(g, 2, 4), randint(g, 0, 10**6)])
+    return x
 
 
 def _freeze_outputs(f, x):
-    layers, k, width, seed = (int(v) for v in x["cfg"])
-    torch.manual_seed(seed)
-    clf = ref.GPTClassifier(
-        GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=layers, n_head=2, n_embd=2 * width)), 3
-    )
-    for p in clf.parameters():
-        p.requires_grad_(bool(torch.rand(1) < 0.5))
-    count = f(clf, k)
-    flags = torch.tensor([p.requires_grad for _, p in clf.named_parameters()])
-    return {"count": torch.tensor(int(count)), "flags": flags}
+    out = {}
+    for i in range(N_FREEZE):
+        layers, k, width, seed = (int(v) for v in x[f"cfg{i}"])
+        torch.manual_seed(seed)
+        clf = ref.GPTClassifier(
+            GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=layers, n_head=2, n_embd=2 * width)), 3
+        )
+        for p in clf.parameters():
+            p.requires_grad_(bool(torch.rand(1) < 0.5))
+        out[f"count{i}"] = torch.tensor(int(f(clf, k)))
+        out[f"flags{i}"] = torch.tensor([p.requires_grad for _, p in clf.named_parameters()])
+    return out
 
 
 # -- exercise 3: class weights and the weighted loss -------------------------------------------------
@@ -65,6 +78,9 @@ def _wce_inputs(g):
         n, c = randint(g, 1, 90), randint(g, 2, 7)
         dtype = F64 if i % 2 else F32
         x[f"labels{i}"] = torch.randint(0, c, (n,), generator=g)
+        if i == 0:  # classes that do not occur, and one that occurs exactly once
+            n = randint(g, 2, 12)
+            x[f"labels{i}"] = torch.cat([torch.full((n - 1,), c - 1), torch.tensor([randint(g, 0, c - 2)])])
         x[f"logits{i}"] = 6 * torch.randn(n, c, generator=g, dtype=dtype)
         x[f"weights{i}"] = torch.rand(c, generator=g, dtype=dtype) + 0.05
         x[f"cfg{i}"] = torch.tensor([c])
@@ -74,7 +90,7 @@ def _wce_inputs(g):
 def _wce_outputs(class_weights, weighted_cross_entropy, x):
     out = {}
     for i in range(N_WCE):
-        out[f"w{i}"] = class_weights(x[f"labels{i}"], int(x[f"cfg{i}"][0]))
+        out[f"out_w{i}"] = class_weights(x[f"labels{i}"], int(x[f"cfg{i}"][0]))  # float32: dtype checked
         out[f"loss{i}"] = weighted_cross_entropy(x[f"logits{i}"], x[f"labels{i}"], x[f"weights{i}"])
     return out
 
@@ -92,17 +108,28 @@ def _metric_inputs(g):
         x[f"true{i}"] = torch.randint(0, c, (n,), generator=g)
         x[f"pred{i}"] = torch.randint(0, max(1, c - 1 - i % 2), (n,), generator=g)
         x[f"cfg{i}"] = torch.tensor([c])
+        if i < 2:  # a class with exactly one true example (case 0) or one prediction (case 1), right
+            once, other = ("true", "pred") if i == 0 else ("pred", "true")
+            _single_example(x, f"{once}{i}", f"{other}{i}", randint(g, 0, c - 1), c)
     return x
+
+
+def _single_example(x, once, other, cls, c):
+    """Make ``cls`` occur exactly once in ``x[once]`` (at index 0, where ``x[other]`` agrees): a
+    ratio with a denominator of 1, which ``> 1`` or ``clamp_min(2)`` would get wrong."""
+    x[once] = torch.where(x[once] == cls, (cls + 1) % c, x[once])
+    x[once][0] = x[other][0] = cls
 
 
 def _metric_outputs(confusion_matrix, classification_metrics, x):
     out = {}
     for i in range(N_METRICS):
         c = int(x[f"cfg{i}"][0])
-        out[f"cm{i}"] = confusion_matrix(x[f"true{i}"], x[f"pred{i}"], c)
+        # out*: the dtypes are checked too (int64 counts, float64 metrics, as the task says)
+        out[f"out_cm{i}"] = confusion_matrix(x[f"true{i}"], x[f"pred{i}"], c)
         m = classification_metrics(x[f"true{i}"], x[f"pred{i}"], c)
         for key in METRIC_KEYS:
-            out[f"{key}{i}"] = torch.as_tensor(m[key]).double()
+            out[f"out_{key}{i}"] = m[key]
     return out
 
 
@@ -145,7 +172,21 @@ def _lora_outputs(cls, x):
             layer.B.copy_(x[f"B{i}"])
             out[f"forward{i}"] = layer(x[f"x{i}"])
             out[f"merged{i}"] = layer.merged()(x[f"x{i}"])
+    out.update(_lora_draws(cls, x))
     return out
+
+
+def _lora_draws(cls, x):
+    """A from torch's default generator: the same after the same seed, another after another seed."""
+    seed = int(x["cfg0"][1])
+    draws = []
+    for s in (seed, seed, seed + 1):
+        base = nn.Linear(6, 4)
+        torch.manual_seed(s)
+        draws.append(cls(base, 2, 4.0).A.detach().clone())
+    same = torch.equal(draws[0], draws[1]) and bool(torch.isfinite(draws[0]).all())
+    return {"same_seed": torch.tensor(same),
+            "other_seed": torch.tensor(not torch.equal(draws[0], draws[2]))}
 
 
 # same_dtype="out": the answer's out* results must have the reference's dtype (float32 stays float32).
@@ -154,8 +195,8 @@ PROBES = [
             rtol=1e-5, atol=1e-6, same_dtype="out"),
     same_as("ex2_freeze_tests", ref.freeze_layers, _freeze_inputs, _freeze_outputs, rtol=1e-9, atol=1e-12),
     same_as("ex3_class_weights_tests", (ref.class_weights, ref.weighted_cross_entropy), _wce_inputs,
-            _wce_outputs, rtol=1e-5, atol=1e-7),
+            _wce_outputs, rtol=1e-5, atol=1e-7, same_dtype="out"),
     same_as("ex4_metrics_tests", (ref.confusion_matrix, ref.classification_metrics), _metric_inputs,
-            _metric_outputs, rtol=1e-9, atol=1e-12),
+            _metric_outputs, rtol=1e-9, atol=1e-12, same_dtype="out"),
     same_as("ex5_lora_tests", ref.LoRALinear, _lora_inputs, _lora_outputs, rtol=1e-5, atol=1e-5),
 ]
