@@ -94,8 +94,12 @@ def _shard_outputs(f, x):
         for style in ("column", "row"):
             for rank in range(world):
                 w, b = f(x["w"], x["b"], rank, world, style)
-                out[f"{style}{world}_{rank}_w"] = w
-                out[f"{style}{world}_{rank}_b"] = b
+                out[f"{style}{world}_{rank}_w"] = w.clone()
+                out[f"{style}{world}_{rank}_b"] = b.clone()
+                # The task asks for copies: overwriting a shard must leave the inputs as they were
+                # (check_inputs_unchanged compares them with the grader's copy).
+                w.fill_(-1.0)
+                b.fill_(-1.0)
             out[f"{style}{world}_nobias"] = torch.tensor(f(x["w"], None, 0, world, style)[1] is None)
     return out
 
@@ -151,7 +155,8 @@ PROBES = [
     same_as("ex1_memory_tests", sizing_ref.memory_per_gpu, _memory_inputs, _memory_outputs, rtol=0, atol=0),
     Probe("ex2_average_gradients_tests", inputs=_dp_inputs, run=_dp_outputs,
           check=checker(_dp_reference, default=(1e-10, 1e-12))),
-    same_as("ex3_tp_shard_tests", parallel.tp_shard, _shard_inputs, _shard_outputs, rtol=0, atol=0),
+    same_as("ex3_tp_shard_tests", parallel.tp_shard, _shard_inputs, _shard_outputs, rtol=0, atol=0,
+            check_inputs_unchanged=True),
     Probe("ex4_row_parallel_tests", inputs=_row_inputs, run=_row_outputs,
           check=checker(_row_reference, default=(1e-10, 1e-12))),
 ]
