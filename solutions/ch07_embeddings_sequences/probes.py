@@ -64,6 +64,8 @@ def _cos_inputs(g):
         query = torch.randn(d, generator=g, dtype=F64)
         if i == 1:  # the query is one of the rows, excluded as in the demo
             query = emb[int(exclude[0])].clone() if n_ex else emb[0].clone()
+        if i == 2:  # a short query: the similarities are still cosines
+            query = query * log_uniform(g, 0.001, 0.5)
         x[f"e{i}"], x[f"q{i}"], x[f"ex{i}"] = emb.to(dtype), query.to(dtype), exclude
         x[f"cfg{i}"] = torch.tensor([k])
     return x
@@ -97,6 +99,9 @@ def _bow_inputs(g):
                                                     vocab_size=randint(g, 120, 220), n_classes=c,
                                                     class_probs=probs, dtype=dtype)
         x.update({f"xtr{i}": xtr, f"ytr{i}": ytr, f"xte{i}": xte, f"yte{i}": yte})
+    # Labels for all-zero features: only the bias can learn their frequencies.
+    prior = torch.tensor([0.55, 0.3, 0.15], dtype=F64)[torch.randperm(3, generator=g)]
+    x["y_flat"] = torch.multinomial(prior, randint(g, 80, 200), replacement=True, generator=g)
     return x
 
 
@@ -105,6 +110,8 @@ def _bow_run(ns, x):
     for i, (c, _, _, _) in enumerate(BOW_PLAN):
         w, b = ns["fit_bow_classifier"](x[f"xtr{i}"].clone(), x[f"ytr{i}"].clone(), c)
         out[f"logits{i}"] = x[f"xte{i}"] @ w + b
+    y_flat = x["y_flat"].clone()
+    out["b_flat"] = ns["fit_bow_classifier"](torch.zeros(len(y_flat), 20, dtype=F64), y_flat, 3)[1]
     return out
 
 
@@ -118,6 +125,18 @@ def _bow_check(x, out):
         acc = float((logits.argmax(1) == x[f"yte{i}"]).to(F64).mean())
         if acc < needed:
             return f"task {i} ({c} classes): held-out accuracy {acc:.3f} < {needed}"
+    return _bias_check(x["y_flat"], out.get("b_flat"))
+
+
+def _bias_check(y, b):
+    """With all-zero features the training loss must reach the entropy of the label frequencies."""
+    if not isinstance(b, torch.Tensor) or tuple(b.shape) != (3,) or not torch.isfinite(b).all():
+        return f"all-zero features: b is {b!r}, expected 3 finite numbers"
+    freq = torch.bincount(y, minlength=3).to(F64) / len(y)
+    entropy = float(-(freq * freq.clamp_min(1e-300).log()).sum())
+    loss = float(torch.nn.functional.cross_entropy(b.to(F64).expand(len(y), 3), y))
+    if loss > entropy + 0.02:
+        return f"all-zero features: training loss {loss:.4f}, the bias alone reaches {entropy:.4f}"
     return None
 
 
