@@ -12,8 +12,14 @@
   the embedding table, so no token starts untrained.
 - Supervised fine-tuning: :func:`sft_labels` (the prompt loss mask), :func:`collate`,
   :func:`sft_loss` and :func:`finetune` on a :class:`course_lib.gpt.GPT`.
-- Evaluation: :func:`response_perplexity`, :func:`generate_answer`, :func:`exact_match` with
+- Evaluation: :func:`response_perplexity`, :func:`generate_answer` (one prompt) and
+  :func:`generate_answers` (many, greedy, batched), :func:`exact_match` with
   :func:`normalize_answer`, and :func:`corpus_bleu` (Papineni et al., 2002) written out.
+- Uncertainty: every metric is a function of per-example rows summed over the evaluation set
+  (:func:`exact_match_rows`, :func:`bleu_rows`, :func:`response_nll_rows`), so a bootstrap
+  resample is a weighted sum (:func:`bootstrap_weights`, :func:`bootstrap_replicates`) and a 95%
+  interval its percentiles (:func:`percentile_interval`); a difference of two systems on the same
+  examples resamples both with the same weights (a paired bootstrap).
 
 Chapter 13's hyper-parameter search (k-fold cross-validation, grid and random search) lives in
 :mod:`course_lib.model_selection`.
@@ -25,8 +31,9 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -107,15 +114,24 @@ def last_word(line: str) -> str:
     return found[-1] if found else ""
 
 
+@cache
+def _work_speeches(work: str) -> tuple[Speech, ...]:
+    """The speeches of one work, parsed once per process (several draws read the same plays)."""
+    return tuple(parse_speeches(work_texts([work])[0]))
+
+
 def make_examples(works: Sequence[str], per_task: int, tasks: Mapping[str, str] = TASKS, seed: int = 0,
-                  min_chars: int = 20, max_chars: int = 70) -> list[Example]:
+                  min_chars: int = 20, max_chars: int = 70, exclude: Collection[str] = ()) -> list[Example]:
     """Up to ``per_task`` examples of each task from the named works, drawn with a seeded
     ``random.Random`` and interleaved task by task. Lines shorter than ``min_chars`` or longer than
-    ``max_chars`` are skipped (short lines say too little, long ones make long sequences)."""
+    ``max_chars`` are skipped (short lines say too little, long ones make long sequences), and so
+    are the lines in ``exclude`` (e.g. :func:`example_lines` of a training set: no pair then
+    shows the model a line it was fine-tuned on, as prompt or as answer)."""
+    exclude = frozenset(exclude)
     pools: dict[str, list[Example]] = {task: [] for task in tasks}
-    for work, text in zip(works, work_texts(works), strict=True):
-        for speech in parse_speeches(text):
-            usable = [min_chars <= len(line) <= max_chars for line in speech.lines]
+    for work in works:
+        for speech in _work_speeches(work):
+            usable = [min_chars <= len(line) <= max_chars and line not in exclude for line in speech.lines]
             for i, line in enumerate(speech.lines):
                 if not usable[i]:
                     continue
@@ -133,6 +149,12 @@ def make_examples(works: Sequence[str], per_task: int, tasks: Mapping[str, str] 
     for i in range(max((len(v) for v in chosen.values()), default=0)):
         out.extend(chosen[task][i] for task in tasks if i < len(chosen[task]))
     return out
+
+
+def example_lines(examples: Sequence[Example]) -> set[str]:
+    """Every line of the corpus that ``examples`` show: each prompt's line, and the answer line of
+    ``next_line`` pairs (the other answers are names and words, not lines)."""
+    return {e.text for e in examples} | {e.response for e in examples if e.task == "next_line"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,25 +271,54 @@ def finetune(model, encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, s
 
 
 @torch.no_grad()
+def response_nll_rows(model, encoded: Sequence[tuple[Sequence[int], int]], pad_id: int,
+                      batch_size: int = 16) -> torch.Tensor:
+    """Per example, float64 ``(N, 2)``: the summed negative log-likelihood (nats) of its response
+    tokens (end-of-text included), given the prompt, and how many tokens that is."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for start in range(0, len(encoded), batch_size):
+            ids, labels = collate(encoded[start:start + batch_size], pad_id)
+            ids, labels = ids.to(device), labels.to(device)
+            logits, _ = model(ids)
+            targets = labels[:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                  reduction="none")
+            counted = targets != IGNORE_INDEX
+            rows.append(torch.stack([nll.double().sum(1), counted.double().sum(1)], 1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def perplexity_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """``exp(total nll / total tokens)`` from summed :func:`response_nll_rows` (any leading dims)."""
+    return torch.exp(sums[..., 0] / sums[..., 1].clamp_min(1))
+
+
 def response_perplexity(model, encoded: Sequence[tuple[Sequence[int], int]], pad_id: int,
                         batch_size: int = 16) -> float:
     """``exp`` of the mean loss over every response token (end-of-text included) of ``encoded``:
     how surprised the model is by the answers, given the prompts."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        ids, labels = collate(encoded[start:start + batch_size], pad_id)
-        ids, labels = ids.to(device), labels.to(device)
-        logits, _ = model(ids)
-        targets = labels[:, 1:].reshape(-1)
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets,
-                              ignore_index=IGNORE_INDEX, reduction="sum")
-        total += nll.item()
-        count += int((targets != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return math.exp(total / max(count, 1))
+    return float(perplexity_from_sums(response_nll_rows(model, encoded, pad_id, batch_size).sum(0)))
+
+
+def _answer_text(tokenizer, new: Sequence[int], eos: int, stop_at_newline: bool) -> tuple[str, bool]:
+    """The answer that generated tokens ``new`` make, and whether it is finished: tokens up to
+    ``<|endoftext|>``; with ``stop_at_newline``, only the first non-empty line."""
+    kept: list[int] = []
+    text = ""
+    for token in new:
+        if token == eos:
+            return text.strip(), True
+        kept.append(token)
+        text = tokenizer.decode(kept)
+        if stop_at_newline and "\n" in text.lstrip("\n"):
+            return text.lstrip("\n").split("\n")[0].strip(), True
+    return text.strip(), False
 
 
 @torch.no_grad()
@@ -287,21 +338,69 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 24, tem
     cache = model.new_cache()
     logits = model(torch.tensor([ids], device=device), cache=cache, last_only=True)[0][:, -1]
     new: list[int] = []
-    text = ""
     try:
         for _ in range(max_new_tokens):
-            token = int(sample_next_token(logits.float(), temperature, generator=generator)[0, 0])
-            if token == eos:
+            new.append(int(sample_next_token(logits.float(), temperature, generator=generator)[0, 0]))
+            if _answer_text(tokenizer, new, eos, stop_at_newline)[1]:
                 break
-            new.append(token)
-            text = tokenizer.decode(new)
-            if stop_at_newline and "\n" in text.lstrip("\n"):
-                text = text.lstrip("\n").split("\n")[0]
-                break
-            logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)[0][:, -1]
+            logits = model(torch.tensor([new[-1:]], device=device), cache=cache, last_only=True)[0][:, -1]
     finally:
         model.train(was_training)
-    return text.strip()
+    return _answer_text(tokenizer, new, eos, stop_at_newline)[0]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 64,
+                     stop_at_newline: bool = True) -> list[str]:
+    """Greedy answers to many prompts at once: what :func:`generate_answer` gives at
+    ``temperature=0`` for each (up to rounding: a batched matrix product may round differently).
+
+    Prompts with the same number of tokens go into one batch, so no row needs padding (the model
+    has no padding mask) and one key/value cache serves the batch; a batch stops when every row
+    has finished its answer.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.special_tokens[END_OF_TEXT]
+    keep = model.config.block_size - max_new_tokens
+    encoded = [tokenizer.encode(p, allowed_special={END_OF_TEXT})[-keep:] for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    answers = [""] * len(prompts)
+    try:
+        for members in by_length.values():
+            for start in range(0, len(members), batch_size):
+                rows = members[start:start + batch_size]
+                batch = torch.tensor([encoded[i] for i in rows], device=device)
+                new = _greedy_batch(model, batch, max_new_tokens,
+                                    lambda tokens: _answer_text(tokenizer, tokens, eos, stop_at_newline)[1])
+                for i, tokens in zip(rows, new, strict=True):
+                    answers[i] = _answer_text(tokenizer, tokens, eos, stop_at_newline)[0]
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def _greedy_batch(model, ids: torch.Tensor, max_new_tokens: int, finished: Callable[[list[int]], bool]
+                  ) -> list[list[int]]:
+    """Greedy tokens for a batch of equally long prompts ``ids`` ``(B, T)``, with the cache, until
+    ``finished(tokens)`` holds for every row or ``max_new_tokens`` are made."""
+    cache = model.new_cache()
+    logits = model(ids, cache=cache, last_only=True)[0][:, -1]
+    new: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    done = [False] * ids.shape[0]
+    for _ in range(max_new_tokens):
+        tokens = logits.float().argmax(dim=-1)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                new[row].append(token)
+                done[row] = finished(new[row])
+        if all(done):
+            break
+        logits = model(tokens[:, None], cache=cache, last_only=True)[0][:, -1]
+    return new
 
 
 def normalize_answer(text: str) -> str:
@@ -318,6 +417,29 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
         return 0.0
     return sum(normalize_answer(p) == normalize_answer(r)
                for p, r in zip(predictions, references, strict=True)) / len(predictions)
+
+
+def exact_match_rows(predictions: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+    """Per example, float64 ``(N, 2)``: ``[1 if it matches after normalisation else 0, 1]``.
+    Summed, ``sums[0] / sums[1]`` is :func:`exact_match`."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    hits = [float(normalize_answer(p) == normalize_answer(r))
+            for p, r in zip(predictions, references, strict=True)]
+    return torch.tensor([[h, 1.0] for h in hits], dtype=torch.float64).reshape(-1, 2)
+
+
+def share_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """``sums[..., 0] / sums[..., 1]``: exact match from summed :func:`exact_match_rows`."""
+    return sums[..., 0] / sums[..., 1].clamp_min(1)
+
+
+def majority_answer(answers: Sequence[str]) -> str:
+    """The most frequent answer after :func:`normalize_answer` (the first seen among equals), as
+    first written: the constant a model that ignores its prompt would do best to give."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    best = max(counts.values())
+    return next(a for a in answers if counts[normalize_answer(a)] == best)
 
 
 def bleu_tokens(text: str) -> list[str]:
@@ -346,6 +468,30 @@ def bleu_statistics(hypotheses: Sequence[Sequence[str]], references: Sequence[Se
             "ref_len": sum(len(r) for r in references)}
 
 
+def bleu_rows(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4
+              ) -> torch.Tensor:
+    """Per pair, float64 ``(N, 2 max_n + 2)``: clipped matches for n = 1..max_n, hypothesis
+    n-grams for n = 1..max_n, hypothesis length, reference length. Summed over pairs, they are
+    :func:`bleu_statistics`, and :func:`bleu_from_sums` of the sums is :func:`corpus_bleu`."""
+    rows = []
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        stats = bleu_statistics([hyp], [ref], max_n)
+        rows.append([*stats["matches"], *stats["totals"], stats["hyp_len"], stats["ref_len"]])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 2 * max_n + 2)
+
+
+def bleu_from_sums(sums: torch.Tensor, max_n: int = 4) -> torch.Tensor:
+    """Corpus BLEU from summed :func:`bleu_rows` (any leading dims: one BLEU per row of sums),
+    with :func:`corpus_bleu`'s smoothing, brevity penalty and zero cases."""
+    matches, totals = sums[..., :max_n], sums[..., max_n:2 * max_n]
+    c, r = sums[..., 2 * max_n], sums[..., 2 * max_n + 1]
+    smoothed = torch.cat([matches[..., :1], matches[..., 1:] + 1], -1)
+    log_p = (smoothed.clamp_min(1e-300).log() - torch.cat([totals[..., :1], totals[..., 1:] + 1], -1)
+             .clamp_min(1).log()).mean(-1)
+    bp = torch.where(c > r, torch.ones_like(c), torch.exp(1 - r / c.clamp_min(1)))
+    return torch.where((c == 0) | (matches[..., 0] == 0), torch.zeros_like(c), bp * torch.exp(log_p))
+
+
 def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
                 max_n: int = 4) -> float:
     """Corpus BLEU in [0, 1], one reference per hypothesis, uniform weights ``1 / max_n``.
@@ -367,3 +513,34 @@ def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequen
         log_p += math.log(m / t) if n == 0 else math.log((m + 1) / (t + 1))
     bp = 1.0 if c > r else math.exp(1 - r / c)
     return bp * math.exp(log_p / max_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. How sure are we? The bootstrap
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_weights(n: int, n_boot: int, generator: torch.Generator) -> torch.Tensor:
+    """float64 ``(n_boot, n)``: how often each of ``n`` examples is drawn in each of ``n_boot``
+    resamples of ``n`` draws with replacement. The same weights applied to two systems' rows make
+    a *paired* bootstrap (both scored on the same resampled examples)."""
+    draws = torch.randint(0, n, (n_boot, n), generator=generator)
+    return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_boot, n, dtype=torch.float64))
+
+
+def bootstrap_replicates(rows: torch.Tensor, statistic: Callable[[torch.Tensor], torch.Tensor],
+                         weights: torch.Tensor) -> torch.Tensor:
+    """The metric on each resample: ``statistic(weights @ rows)``, shape ``(n_boot,)``. ``rows``
+    are per-example rows (:func:`exact_match_rows`, :func:`bleu_rows`, :func:`response_nll_rows`)
+    and ``statistic`` turns their sums into the metric (:func:`share_from_sums`,
+    :func:`bleu_from_sums`, :func:`perplexity_from_sums`)."""
+    return statistic(weights @ rows.double())
+
+
+def percentile_interval(replicates: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval: the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    quantiles of the replicates."""
+    low, high = torch.quantile(replicates.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                                dtype=torch.float64))
+    return float(low), float(high)

@@ -132,3 +132,86 @@ def test_bleu_clipping_brevity_and_corpus_level():
     assert ins.corpus_bleu(hyps, refs, max_n=2) == pytest.approx(math.sqrt(p1 * p2))
     assert ins.corpus_bleu([[]], [["a"]]) == 0.0
     assert ins.corpus_bleu([["z", "z"]], [["a", "b"]]) == 0.0
+
+
+def test_bleu_rows_sum_to_corpus_bleu():
+    g = torch.Generator().manual_seed(0)
+    words = "a b c d e the of".split()
+    for case in range(30):
+        size, vocab, max_n = case % 6 + 1, case % 5 + 2, [4, 2, 3][case % 3]
+        hyps = [[words[i] for i in torch.randint(0, vocab, (int(torch.randint(0, 12, ())),), generator=g)]
+                for _ in range(size)]
+        refs = [[words[i] for i in torch.randint(0, vocab, (int(torch.randint(1, 12, ())),), generator=g)]
+                for _ in range(size)]
+        rows = ins.bleu_rows(hyps, refs, max_n)
+        assert rows.shape == (size, 2 * max_n + 2) and rows.dtype == torch.float64
+        got = float(ins.bleu_from_sums(rows.sum(0), max_n))
+        assert got == pytest.approx(ins.corpus_bleu(hyps, refs, max_n), rel=1e-12, abs=1e-15)
+    # one BLEU per row of sums, zero cases included
+    rows = ins.bleu_rows([["a"], [], ["z"]], [["a"], ["a"], ["b"]])
+    assert ins.bleu_from_sums(rows).tolist() == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_exact_match_rows_and_majority_answer():
+    predictions, references = ["KING.", "the queen", "x"], ["king", "Queen", "y"]
+    rows = ins.exact_match_rows(predictions, references)
+    assert rows.tolist() == [[1, 1], [0, 1], [0, 1]]
+    assert float(ins.share_from_sums(rows.sum(0))) == pytest.approx(ins.exact_match(predictions, references))
+    assert ins.exact_match_rows([], []).shape == (0, 2)
+    # counted after normalisation; among equally frequent answers the first seen wins
+    assert ins.majority_answer(["you", "Me", "me.", "You!", "him"]) == "you"
+    assert ins.majority_answer(["him", "me", "me"]) == "me"
+
+
+def test_bootstrap_interval_matches_the_binomial_width():
+    n, p = 400, 0.3
+    rows = torch.tensor([[float(i < n * p), 1.0] for i in range(n)], dtype=torch.float64)
+    weights = ins.bootstrap_weights(n, 2000, torch.Generator().manual_seed(0))
+    assert weights.shape == (2000, n) and bool((weights.sum(1) == n).all())
+    reps = ins.bootstrap_replicates(rows, ins.share_from_sums, weights)
+    low, high = ins.percentile_interval(reps)
+    # the normal approximation: 2 * 1.96 * sqrt(p (1 - p) / n) = 0.0898
+    assert low < p < high and high - low == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / n), rel=0.1)
+    # a paired difference of a system with itself is exactly 0 on every resample
+    assert bool((reps - ins.bootstrap_replicates(rows, ins.share_from_sums, weights) == 0).all())
+    # unpaired: another draw of weights gives other resamples
+    other_weights = ins.bootstrap_weights(n, 2000, torch.Generator().manual_seed(1))
+    other = ins.bootstrap_replicates(rows, ins.share_from_sums, other_weights)
+    assert not torch.equal(reps, other)
+
+
+def test_make_examples_exclude_keeps_lines_out():
+    train = ins.make_examples(["romeo_and_juliet_gut"], per_task=200, seed=0)
+    used = ins.example_lines(train)
+    assert {e.text for e in train} <= used
+    assert {e.response for e in train if e.task == "next_line"} <= used
+    other = ins.make_examples(["romeo_and_juliet_gut"], per_task=200, seed=2, exclude=used)
+    assert len(other) == 600
+    assert not ins.example_lines(other) & used
+    # without the exclusion, a second draw from the same play shares lines with the first
+    assert ins.example_lines(ins.make_examples(["romeo_and_juliet_gut"], per_task=200, seed=2)) & used
+
+
+def test_generate_answers_batched_equals_one_at_a_time():
+    from course_lib.lm_data import split_by_work
+    from course_lib.lm_train import load_pretrained
+
+    model, tok, _ = load_pretrained(device="cpu")
+    examples = ins.make_examples(split_by_work().val, per_task=8, seed=5)
+    prompts = [e.prompt for e in examples] + ["<|endoftext|>INSTRUCTION.\nSay nothing.\nRESPONSE.\n"]
+    one_by_one = [ins.generate_answer(model, tok, p, max_new_tokens=12) for p in prompts]
+    assert ins.generate_answers(model, tok, prompts, max_new_tokens=12, batch_size=3) == one_by_one
+    assert ins.generate_answers(model, tok, []) == []
+
+
+def test_response_nll_rows_add_up_to_the_perplexity():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    encoded = [([1, 2, 3, 4, 5, 6], 3), ([1, 7, 8, 9], 2), ([3, 3, 4], 1)]
+    rows = ins.response_nll_rows(model, encoded, pad_id=0, batch_size=2)
+    assert rows.dtype == torch.float64 and rows[:, 1].tolist() == [3, 2, 2]
+    for (ids, prompt_len), (nll, count) in zip(encoded, rows.tolist(), strict=True):
+        batch, labels = ins.collate([(ids, prompt_len)], pad_id=0)
+        assert nll / count == pytest.approx(ins.sft_loss(model, batch, labels).item(), rel=1e-5)
+    assert ins.response_perplexity(model, encoded, pad_id=0) == pytest.approx(
+        math.exp(rows[:, 0].sum().item() / rows[:, 1].sum().item()), rel=1e-9)

@@ -54,6 +54,12 @@ def _bleu_inputs(g):
         x[f"ref{i}"] = torch.randint(0, vocab, (int(ref_lens.sum()),), generator=g)
         x[f"hyp_lens{i}"], x[f"ref_lens{i}"] = hyp_lens, ref_lens
         x[f"cfg{i}"] = torch.tensor([[4, 4, 2, 3][randint(g, 0, 3)]])
+    # A one-word hypothesis that occurs in its reference: c = 1, every p_n = 1, only BP < 1 when r > 1.
+    ref_len = randint(g, 1, 3)
+    x[f"ref{N_CORPORA}"] = torch.randint(0, 4, (ref_len,), generator=g)
+    x[f"hyp{N_CORPORA}"] = x[f"ref{N_CORPORA}"][randint(g, 0, ref_len - 1)].reshape(1)
+    x[f"hyp_lens{N_CORPORA}"], x[f"ref_lens{N_CORPORA}"] = torch.tensor([1]), torch.tensor([ref_len])
+    x[f"cfg{N_CORPORA}"] = torch.tensor([4])
     return x
 
 
@@ -69,7 +75,7 @@ def _bleu_outputs(f, x):
     return {f"out{i}": torch.tensor(float(f(_words(x[f"hyp{i}"], x[f"hyp_lens{i}"]),
                                             _words(x[f"ref{i}"], x[f"ref_lens{i}"]), int(x[f"cfg{i}"][0]))),
                                     dtype=F64)
-            for i in range(N_CORPORA)}
+            for i in range(N_CORPORA + 1)}
 
 
 # -- exercise 3: k-fold splits ----------------------------------------------------------------------
@@ -101,8 +107,24 @@ SPACE = {"a": (1e-4, 1e2, "log"), "b": (-1.0, 3.0, "linear"), "c": (1, 6, "int")
 
 
 def _search_inputs(g):
-    return {"cfg": torch.tensor([randint(g, 0, 10**6), randint(g, 5, 40)]),
-            "shift": uniform(g, -2.0, 2.0, 2)}
+    n = randint(g, 5, 40)
+    # Where the two equal lowest losses of the tie case fall: at the first trial, the second, or anywhere.
+    first = [0, 1, randint(g, 0, n - 2)][randint(g, 0, 2)]
+    return {"cfg": torch.tensor([randint(g, 0, 10**6), n]), "shift": uniform(g, -2.0, 2.0, 2),
+            "ties": torch.tensor([first, randint(g, first + 1, n - 1)])}
+
+
+def _tied_objective(first, second):
+    """Scores trials by the order of the calls: 0 for trials ``first`` and ``second``, and values
+    from {1, 2, 3} (equal among themselves too) for the others."""
+    calls = []
+
+    def objective(c):
+        calls.append(c)
+        i = len(calls) - 1
+        return 0.0 if i in (first, second) else float(1 + i % 3)
+
+    return objective
 
 
 def _search_outputs(f, x):
@@ -118,6 +140,9 @@ def _search_outputs(f, x):
            "losses": torch.tensor([float(loss) for _, loss in trials], dtype=F64)}
     for key in SPACE:
         out[f"trial_{key}"] = torch.tensor([float(c[key]) for c, _ in trials], dtype=F64)
+    first, second = (int(v) for v in x["ties"])
+    best = f(_tied_objective(first, second), SPACE, n, torch.Generator().manual_seed(seed + 1))[0]
+    out["best_of_ties"] = torch.tensor([float(best[k]) for k in SPACE], dtype=F64)
     return out
 
 
