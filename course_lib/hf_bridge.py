@@ -172,13 +172,13 @@ def load_minilm_hf(device: torch.device | str | None = None) -> nn.Module:
     files only; the pooler the checkpoint holds is left out, as course_lib's BERT does)."""
     from transformers import BertModel
 
-    with _quiet_transformers():  # its load report would list the pooler's two unused tensors
+    with quiet_transformers():  # its load report would list the pooler's two unused tensors
         model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False, local_files_only=True)
     return model.to(device if device is not None else "cpu").eval()
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' warnings and progress bars off for the block, then back as they were."""
     from transformers.utils import logging as hf_logging
 

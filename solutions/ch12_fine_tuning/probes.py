@@ -172,6 +172,7 @@ def _lora_outputs(cls, x):
             layer.B.copy_(x[f"B{i}"])
             out[f"forward{i}"] = layer(x[f"x{i}"])
             out[f"merged{i}"] = layer.merged()(x[f"x{i}"])
+            out[f"after_merge{i}"] = layer(x[f"x{i}"])  # merged() leaves the layer as it was
     out.update(_lora_draws(cls, x))
     return out
 
