@@ -145,6 +145,11 @@ def _dedup_outputs(find, x):
 # -- exercise 4: grouped split --------------------------------------------------------------------
 
 SPLIT_SEEDS = 6
+# Cases 0-2: random groups and sizes; 3: one-item groups of size 1 that reach the fraction exactly
+# (compared without tolerance); 4: a fraction that would take every group (training keeps one).
+SPLIT_CASES = 5
+SPLIT_TOL = (1e-9, 1e-9, 1e-9, 0.0, 1e-9)
+SALTS = 4
 
 
 def _split_inputs(g):
@@ -155,54 +160,97 @@ def _split_inputs(g):
         x[f"groups{case}"] = torch.randint(0, n_groups, (n_items,), generator=g)
         x[f"sizes{case}"] = uniform(g, 0.5, 20.5, n_items)
         x[f"fraction{case}"] = torch.tensor([0.1, 0.2, 0.3][case], dtype=F64)
+    n = 4 * randint(g, 2, 6)
+    x["groups3"] = torch.randperm(n, generator=g)
+    x["sizes3"] = torch.ones(n, dtype=F64)
+    x["fraction3"] = torch.tensor([0.25, 0.5, 0.75][randint(g, 0, 2)], dtype=F64)
+    n = randint(g, 2, 5)
+    x["groups4"] = torch.arange(n).repeat(3)[torch.randperm(3 * n, generator=g)]
+    x["sizes4"] = uniform(g, 0.5, 20.5, 3 * n)
+    x["fraction4"] = torch.tensor(0.97, dtype=F64)
     return x
 
 
+def _as_lists(train, val):
+    return torch.tensor([int(i) for i in train], dtype=I64), torch.tensor([int(i) for i in val], dtype=I64)
+
+
 def _split_run(ns, x):
-    out = {}
-    for case in range(3):
+    class Salted(str):
+        """A label whose hash changes with `salt`, as a str's hash changes from process to process."""
+        salt = 0
+
+        def __hash__(self):
+            return hash((Salted.salt, str(self)))
+
+    split, out = ns["grouped_split"], {}
+    for case in range(SPLIT_CASES):
         groups = [f"play{g}" for g in x[f"groups{case}"].tolist()]
         sizes = x[f"sizes{case}"].tolist()
         fraction = float(x[f"fraction{case}"])
         for seed in range(SPLIT_SEEDS):
-            train, val = ns["grouped_split"](groups, sizes, fraction, seed)
-            out[f"train{case}_{seed}"] = torch.tensor([int(i) for i in train], dtype=I64)
-            out[f"val{case}_{seed}"] = torch.tensor([int(i) for i in val], dtype=I64)
-        train, val = ns["grouped_split"](groups, sizes, fraction, 0)
-        out[f"again_train{case}"] = torch.tensor([int(i) for i in train], dtype=I64)
-        out[f"again_val{case}"] = torch.tensor([int(i) for i in val], dtype=I64)
+            train, val = split(groups, sizes, fraction, seed)
+            out[f"train{case}_{seed}"], out[f"val{case}_{seed}"] = _as_lists(train, val)
+        out[f"again_train{case}"], out[f"again_val{case}"] = _as_lists(*split(groups, sizes, fraction, 0))
+    labels = [Salted(f"play{g}") for g in x["groups0"].tolist()]
+    for salt in range(SALTS):
+        Salted.salt = salt
+        out[f"salted_train{salt}"], out[f"salted_val{salt}"] = _as_lists(
+            *split(labels, x["sizes0"].tolist(), float(x["fraction0"]), 1))
     return out
 
 
+def _split_problem(groups, sizes, fraction, train, val, tol):
+    """Why (train, val) is not a valid split of these groups, or None."""
+    if sorted(train + val) != list(range(len(groups))):
+        return "not every item is in exactly one of train and val"
+    if train != sorted(train) or val != sorted(val) or not train or not val:
+        return "train and val must be sorted and non-empty"
+    leaked = {groups[i] for i in train} & {groups[i] for i in val}
+    if leaked:
+        return f"{len(leaked)} groups have members on both sides"
+    by_group = Counter()
+    for group, size in zip(groups, sizes, strict=True):
+        by_group[group] += size
+    total = sum(sizes)
+    share = sum(sizes[i] for i in val) / total
+    left = len({groups[i] for i in train})
+    if share < fraction - tol and left > 1:
+        return f"validation share {share:.4f} < {fraction} while training kept {left} groups"
+    largest = max(by_group[groups[i]] for i in val) / total
+    if share - largest >= fraction + tol:
+        return f"validation share {share:.4f}: without its largest group it still holds at least {fraction}"
+    return None
+
+
+def _split_case_problem(x, out, case):
+    groups, sizes = x[f"groups{case}"].tolist(), x[f"sizes{case}"].tolist()
+    fraction = float(x[f"fraction{case}"])
+    vals = set()
+    for seed in range(SPLIT_SEEDS):
+        train, val = out[f"train{case}_{seed}"].tolist(), out[f"val{case}_{seed}"].tolist()
+        problem = _split_problem(groups, sizes, fraction, train, val, SPLIT_TOL[case])
+        if problem:
+            return f"case {case}, seed {seed}: {problem}"
+        vals.add(tuple(val))
+    if len(vals) < 2 and case < 4:  # case 4 may have only two groups
+        return f"case {case}: every seed gave the same split"
+    if (out[f"again_train{case}"].tolist() != out[f"train{case}_0"].tolist()
+            or out[f"again_val{case}"].tolist() != out[f"val{case}_0"].tolist()):
+        return f"case {case}: the same seed gave a different split"
+    return None
+
+
 def _split_check(x, out):
-    for case in range(3):
-        groups, sizes = x[f"groups{case}"].tolist(), x[f"sizes{case}"].tolist()
-        fraction = float(x[f"fraction{case}"])
-        total = sum(sizes)
-        by_group = Counter()
-        for group, size in zip(groups, sizes, strict=True):
-            by_group[group] += size
-        largest = max(by_group.values()) / total
-        vals = set()
-        for seed in range(SPLIT_SEEDS):
-            train, val = out[f"train{case}_{seed}"].tolist(), out[f"val{case}_{seed}"].tolist()
-            where = f"case {case}, seed {seed}"
-            if sorted(train + val) != list(range(len(groups))):
-                return f"{where}: not every item is in exactly one of train and val"
-            if train != sorted(train) or val != sorted(val) or not train or not val:
-                return f"{where}: train and val must be sorted and non-empty"
-            leaked = {groups[i] for i in train} & {groups[i] for i in val}
-            if leaked:
-                return f"{where}: {len(leaked)} groups have members on both sides"
-            share = sum(sizes[i] for i in val) / total
-            if not fraction - 1e-9 <= share <= fraction + largest + 1e-9:
-                return f"{where}: validation share {share:.4f} outside [{fraction}, {fraction + largest:.4f}]"
-            vals.add(tuple(val))
-        if len(vals) < 2:
-            return f"case {case}: every seed gave the same split"
-        if (out[f"again_train{case}"].tolist() != out[f"train{case}_0"].tolist()
-                or out[f"again_val{case}"].tolist() != out[f"val{case}_0"].tolist()):
-            return f"case {case}: the same seed gave a different split"
+    for case in range(SPLIT_CASES):
+        problem = _split_case_problem(x, out, case)
+        if problem:
+            return problem
+    salted = {(tuple(out[f"salted_train{s}"].tolist()), tuple(out[f"salted_val{s}"].tolist()))
+              for s in range(SALTS)}
+    if len(salted) > 1:
+        return ("the same arguments gave different splits when the labels' hashes changed (as str hashes "
+                "do from one Python process to the next): the order came from a set")
     return None
 
 
