@@ -44,7 +44,8 @@ def _sizes(g, n_layers, low=1, high=11):
 def _collapse_inputs(g):
     deep = randint(g, 2, 8)
     short = randint(g, 1, 3)
-    return {**_stack_inputs(g, "a", _sizes(g, deep), F64), **_stack_inputs(g, "b", _sizes(g, short), F32)}
+    return {**_stack_inputs(g, "a", _sizes(g, deep), F64), **_stack_inputs(g, "b", _sizes(g, short), F32),
+            **_stack_inputs(g, "c", _sizes(g, 1), F64)}
 
 
 def _stack(x, prefix):
@@ -54,14 +55,20 @@ def _stack(x, prefix):
 
 def _collapse_run(ns, x):
     out = {}
-    for prefix in "ab":
-        out[f"{prefix}_W"], out[f"{prefix}_b"] = ns["collapse_linear"](*_stack(x, prefix))
+    for prefix in "abc":
+        w, b = ns["collapse_linear"](*_stack(x, prefix))
+        out[f"{prefix}_W"], out[f"{prefix}_b"] = w.clone(), b.clone()
+        # The result must be new tensors: changing it must not change the given layers (which
+        # check_inputs_unchanged compares), also for the single layer of stack c.
+        w.add_(1.0)
+        b.add_(1.0)
     return out
 
 
 def _collapse_check(x, out):
     reasons = []
-    for prefix, dtype, rtol, atol in [("a", F64, 1e-9, 1e-10), ("b", F32, 1e-4, 1e-5)]:
+    cases = [("a", F64, 1e-9, 1e-10), ("b", F32, 1e-4, 1e-5), ("c", F64, 1e-9, 1e-10)]
+    for prefix, dtype, rtol, atol in cases:
         weights, biases = _stack(x, prefix)
         w, b = ref.collapse_linear([t.to(F64) for t in weights], [t.to(F64) for t in biases])
         layers = " -> ".join(str(t.shape[0]) for t in weights) + f" -> {weights[-1].shape[1]}"
@@ -217,11 +224,13 @@ def _sequential(x, prefix, activations, dtype):
 
 
 def _nested(x):
-    """Nested containers and a layer without bias (its weights: nW0, nb0, nW1, nW2, nb2, ...)."""
+    """Nested containers, a layer without bias (its weights: nW0, nb0, nW1, nW2, nb2, ...) and a
+    LayerNorm."""
     with torch.random.fork_rng(devices=[]):
         model = nn.Sequential(
             nn.Sequential(nn.Linear(5, 7, dtype=F64), nn.ReLU()), nn.Linear(7, 7, bias=False, dtype=F64),
-            nn.GELU(), nn.Sequential(nn.Linear(7, 6, dtype=F64), nn.Tanh(), nn.Linear(6, 3, dtype=F64)))
+            nn.GELU(), nn.LayerNorm(7, dtype=F64),  # a weight that is not an nn.Linear's
+            nn.Sequential(nn.Linear(7, 6, dtype=F64), nn.Tanh(), nn.Linear(6, 3, dtype=F64)))
     return _load(model, x, "n")
 
 
@@ -297,6 +306,8 @@ def _dead_run(ns, x):
     for name, (model, inputs) in _dead_models(x).items():
         before = [p.detach().clone() for p in model.parameters()]
         out[name] = ns["dead_relu_fraction"](model, inputs)
+        out[f"{name}_again"] = ns["dead_relu_fraction"](model, inputs)  # no hooks left to double it
+        out[f"{name}_hooks"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
         out[f"{name}_params_changed"] = _params_changed(model, before)
     return out
 
@@ -307,6 +318,8 @@ def _dead_check(x, out):
         want = ref.dead_relu_fraction(model, inputs)
         reasons += [
             _compare(out[name], want, 0, 1e-6, f"dead_relu_fraction ({name})"),
+            _compare(out[f"{name}_again"], want, 0, 1e-6, f"a second call of dead_relu_fraction ({name})"),
+            None if out[f"{name}_hooks"].item() == 0 else f"hooks left on the model ({name})",
             None if out[f"{name}_params_changed"].item() == 0 else f"the parameters changed ({name})",
         ]
     return _first_failure(reasons)
