@@ -78,17 +78,18 @@ CONV_TOL = {f"out{CONV_CASES - 1}": (1e-4, 1e-6)}  # float32, normwise
 
 # -- exercise 2: max-pooling ----------------------------------------------------------------------
 
-POOL_CASES = 6
+POOL_CASES = 8
 
 
 def _pool_inputs(g):
     x = {}
     # (kernel or None for random, stride: 0 = None / -1 = random, padding: -1 = random, dtype)
+    # the last two: a stride larger than the kernel, and an even kernel with padding k / 2
     plan = [(2, 0, 0, F32), (3, 2, 1, F64), (3, 0, 1, F32), (None, -1, -1, F64), (None, -1, -1, F32),
-            (None, 0, -1, F64)]
+            (None, 0, -1, F64), (None, -3, -1, F64), (4, 2, 2, F32)]
     for i, (k, s, p, dtype) in enumerate(plan):
         k = randint(g, 1, 5) if k is None else k
-        s = randint(g, 1, 3) if s == -1 else s
+        s = randint(g, 1, 3) if s == -1 else randint(g, k + 1, k + 2) if s == -3 else s
         p = randint(g, 0, k // 2) if p == -1 else p
         h, w = randint(g, max(1, k - 2 * p), 11), randint(g, max(1, k - 2 * p), 11)
         n, c = randint(g, 1, 3), randint(g, 1, 4)
@@ -106,6 +107,10 @@ def _pool_inputs(g):
                 inf[0, c, 2 * a + rows[c, a, b], 2 * b + cols[c, a, b]] = value
     inf[0, 1, randint(g, 0, side - 1), randint(g, 0, side - 1)] = math.inf
     x["inf"] = inf
+    # All -inf but one cell, pooled with padding: the padded windows of -inf cells give -inf.
+    inf_pad = torch.full((1, 2, 2 * randint(g, 2, 3) + 1, randint(g, 4, 7)), -math.inf, dtype=F64)
+    inf_pad[0, 1, randint(g, 0, inf_pad.shape[2] - 1), randint(g, 0, inf_pad.shape[3] - 1)] = 1.0
+    x["inf_pad"] = inf_pad
     return x
 
 
@@ -115,6 +120,7 @@ def _pool_outputs(pool, x):
         k, s, p = (int(v) for v in x[f"cfg{i}"])
         out[f"out{i}"] = pool(x[f"x{i}"], k, stride=None if s == 0 else s, padding=p)
     out["out_inf"] = pool(x["inf"], 2)
+    out["out_inf_pad"] = pool(x["inf_pad"], 3, stride=2, padding=1)
     return out
 
 
