@@ -29,6 +29,9 @@ def _forward(mlp_forward, x):
 def _backward_inputs(g):
     params = _params(g, 6, 9, 4)
     x = torch.randn(11, 6, generator=g, dtype=F64)
+    # Zero inputs and zero biases put h_pre exactly at 0, where the ReLU's slope is 0.
+    x[:3] = 0.0
+    params["b1"][:4] = 0.0
     _, cache = ref.mlp_forward(x, params)
     return {**params, **cache, "dlogits": torch.randn(11, 4, generator=g, dtype=F64)}
 
@@ -41,13 +44,18 @@ def _numerical_gradient_run(ns, x):
     # The point comes back as an output, compared with the probe's tolerance: the answer may move
     # it and put it back (not check_inputs_unchanged, which is exact).
     A, point = x["A"], x["point"].clone()
-    grad = ns["numerical_gradient"](lambda v: float((A * torch.sin(v)).sum() + (v @ v.T).trace()), point)
+    # (sum v)^2 couples the elements: an element not put back changes the next differences.
+    grad = ns["numerical_gradient"](
+        lambda v: float((A * torch.sin(v)).sum() + (v @ v.T).trace() + v.sum() ** 2), point)
     return {"grad": grad, "point_after": point}
+
+
+N_TRAIN = 417  # 13 * 32 + 1: the last batch of an epoch holds one example
 
 
 def _train_inputs(g):
     teacher = torch.randn(8, 3, generator=g)
-    x = torch.randn(400, 8, generator=g)
+    x = torch.randn(N_TRAIN, 8, generator=g)
     return {"x": x, "y": (x @ teacher).argmax(dim=1)}
 
 
@@ -56,10 +64,37 @@ def _train_run(ns, x):
     # Accuracy is judged on the student's own forward pass, so a mistake in exercise 1 does not
     # cost the points of this exercise a second time.
     logits = ns["mlp_forward"](x["x"], params)[0]
-    return {"logits": logits, "losses": torch.tensor(losses, dtype=F64)}
+    # lr = 0 in float64: the losses are batch means at the initial parameters (see _batching_error).
+    _, losses0 = ns["train_mlp"](x["x"].double(), x["y"], n_hidden=8, lr=0.0, epochs=2, batch_size=32, seed=4)
+    # The loss of all examples at the initial parameters, by the student's own forward pass and
+    # loss (a mistake there is exercise 1's or 2's, not this one's).
+    init = ns["init_mlp"](x["x"].shape[1], 8, int(x["y"].max()) + 1, seed=4, dtype=F64)
+    loss_all = ns["softmax_cross_entropy"](ns["mlp_forward"](x["x"].double(), init)[0], x["y"])[0]
+    return {"logits": logits, "losses": torch.tensor(losses, dtype=F64),
+            "losses_lr0": torch.tensor(losses0, dtype=F64), "loss_all_lr0": loss_all.detach().double()}
+
+
+def _batching_error(x, losses0, loss_all):
+    """With lr = 0 each epoch's losses, weighted by the batch sizes, add up to the loss of every
+    example at the initial parameters, whatever the order: every example once, batches of 32."""
+    n, per_epoch = len(x["x"]), math.ceil(len(x["x"]) / 32)
+    if losses0.shape != (2 * per_epoch,):
+        return f"{losses0.numel()} losses with lr=0, expected {2 * per_epoch}"
+    want = float(loss_all) * n
+    sizes = torch.full((per_epoch,), 32.0, dtype=F64)
+    sizes[-1] = n - 32 * (per_epoch - 1)
+    for epoch in range(2):
+        got = (losses0[epoch * per_epoch:(epoch + 1) * per_epoch] * sizes).sum().item()
+        if not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9):
+            return (f"with lr=0, epoch {epoch + 1}'s losses weighted by batch size add up to {got:.6f}, "
+                    f"not the loss of all {n} examples ({want:.6f}): not every example once per epoch")
+    return None
 
 
 def _train_check(x, out):
+    batching = _batching_error(x, out["losses_lr0"], out["loss_all_lr0"])
+    if batching:
+        return batching
     losses = out["losses"]
     steps = 15 * math.ceil(len(x["x"]) / 32)
     if losses.shape != (steps,):
@@ -93,9 +128,10 @@ PROBES = [
             "point": torch.randn(3, 4, generator=g, dtype=F64),
         },
         run=_numerical_gradient_run,
-        # d/dv of sum(A * sin v) + trace(v v^T) is A * cos v + 2 v; the point must come back unchanged.
+        # d/dv of sum(A * sin v) + trace(v v^T) + (sum v)^2 is A * cos v + 2 v + 2 sum v; the
+        # point must come back unchanged.
         expected=lambda x: {
-            "grad": x["A"] * torch.cos(x["point"]) + 2 * x["point"],
+            "grad": x["A"] * torch.cos(x["point"]) + 2 * x["point"] + 2 * x["point"].sum(),
             "point_after": x["point"],
         },
         rtol=1e-6,
