@@ -71,6 +71,9 @@ def _bce_inputs(g):
         "z32": 5 * torch.randn(9, 3, generator=g),
         "y32": torch.rand(9, 3, generator=g),
         "w32": uniform(g, 0.2, 4.0),
+        # float32 logits with float64 targets and weights: the result keeps the logits' dtype
+        "y32_64": torch.rand(9, 3, generator=g, dtype=F64),
+        "w3_64": uniform(g, 0.2, 4.0, (3,)),
         # float32 and float64 logits up to 1e4, hard and soft labels
         "zbig32": uniform(g, -1e4, 1e4, (20,), F32),
         "ybig32": torch.randint(0, 2, (20,), generator=g).to(F32),
@@ -90,6 +93,7 @@ def _bce_case(f, x):
     out["loss_big32"], out["grad_big32"] = _value_and_grad(lambda z: f(z, x["ybig32"]), _leaf(x["zbig32"]))
     out["loss_big"], out["grad_big"] = _value_and_grad(lambda z: f(z, x["ybig"]), _leaf(x["zbig"]))
     out["loss_exp"] = f(x["zexp"], x["yexp"]).detach()
+    out["out_mixed_dtypes"] = f(x["z32"], x["y32_64"], pos_weight=x["w3_64"]).detach()  # dtype kept
     return out
 
 
