@@ -16,15 +16,21 @@ For each submission:
    test cell keeps its points only when its in-kernel tests passed and its trusted check
    agrees; the gradebook is updated to match, and each disagreement or forbidden call is flagged.
 
-Submissions run in parallel (``--jobs``, default: one per CPU). Re-running the command grades
-only submissions that are new, changed, or not graded yet; Ctrl-C or SIGTERM stops the batch,
-kills what is running and keeps what was finished.
+Steps 2 and 3 run in a grading station (:func:`grade_submission`): a scratch workspace of its
+own, with its own gradebook, that gets the submission's text and gives back plain results (the
+graded notebook, the gradebook entries, the outcome, the log). On one machine the station is
+``<workspace>/scratch/<chapter>`` and submissions run in parallel (``--jobs``, default: one per
+CPU); with ``--scheduler`` each Dask worker has its own (grader/cluster.py). Either way the
+coordinator (:class:`Recorder`) alone writes the instructor's workspace. Re-running the command
+grades only submissions that are new, changed, or not graded yet; Ctrl-C or SIGTERM stops the
+batch, kills what is running and keeps what was finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import multiprocessing
 import os
 import queue
@@ -33,8 +39,10 @@ import signal
 import subprocess
 import threading
 import time
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -359,39 +367,72 @@ def _run_attempts(ws: Workspace, chapter: str, student: str, notebook_timeout: f
                    "two runs; those cells scored 0", seconds)
 
 
+@dataclass
+class Options:
+    """How a batch is graded: what a grading station needs besides the course (plain data, so
+    that it travels to Dask workers in each task)."""
+
+    cell_timeout: int = 600
+    notebook_timeout: float = 3600
+    quick: bool = True
+    use_sandbox: bool = True
+    limits: dict = field(default_factory=lambda: asdict(sandbox.Limits()))
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
 def autograde(ws: Workspace, chapter: str, submissions_path: Path, *, jobs: int | None = None,
               cell_timeout: int = 600, notebook_timeout: float = 3600, quick: bool = True,
               force: bool = False, id_pattern: str = ingest.DEFAULT_ID_PATTERN,
               progress: bool = True, use_sandbox: bool = True,
-              limits: sandbox.Limits | None = None) -> tuple[dict[str, Record], list[str]]:
-    """Grade every submission in ``submissions_path``.
+              limits: sandbox.Limits | None = None,
+              scheduler: str | None = None) -> tuple[dict[str, Record], list[str], dict[str, int]]:
+    """Grade every submission in ``submissions_path``: here, ``jobs`` at a time, or on the Dask
+    cluster whose scheduler is at ``scheduler`` (grader/cluster.py).
 
-    Returns the status of each student and the students graded in this run (the others were
-    unchanged since they were graded, or could not be read).
+    Returns the status of each student, the students graded in this run (the others were
+    unchanged since they were graded, or could not be read), and how many each worker graded.
     """
-    jobs = max(1, jobs or os.cpu_count() or 1)
+    options = Options(cell_timeout, notebook_timeout, quick, use_sandbox,
+                      asdict(limits or sandbox.Limits()))
     # Read the submissions first: a wrong path or a corrupt archive fails before any setup.
     with ingest.opened(submissions_path) as folder:
         submissions, rejected = ingest.collect(folder, chapter, id_pattern)
-    if use_sandbox:
-        _require_sandbox()
-    chapter_probes, release, forbidden = _prepare_chapter(ws, chapter, cell_timeout)
-    status = ws.load_status(chapter)
-    status.rejected = [Record(student="", status=Status.REJECTED, message=m) for m in rejected]
-    todo, flags = _plan_batch(ws, chapter, submissions, status, release, forbidden, force=force,
-                              use_sandbox=use_sandbox)
-    ws.save_status(status)
+    # Then whatever grades them: no sandbox here, or no cluster worker that may grade, fails
+    # before anything is written to the workspace.
+    cluster_pool = _connect(scheduler, ws, use_sandbox)
+    try:
+        _, release, forbidden = _prepare_chapter(ws, chapter, cell_timeout)
+        status = ws.load_status(chapter)
+        status.rejected = [Record(student="", status=Status.REJECTED, message=m) for m in rejected]
+        todo, flags = _plan_batch(ws, chapter, submissions, status, release, forbidden, force=force,
+                                  use_sandbox=use_sandbox)
+        ws.save_status(status)
+        recorder = Recorder(ws, chapter, status, flags, total=len(todo), progress=progress)
+        with recorder, _sigterm_interrupts():
+            if cluster_pool is not None:
+                cluster_pool.grade(chapter, todo, options, recorder)
+            else:
+                _grade_here(ws, chapter, todo, options, recorder, jobs)
+    finally:
+        if cluster_pool is not None:
+            cluster_pool.close()
+    return status.records, todo, dict(recorder.by_worker)
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    withheld = trusted.withheld_course_lib(ws.path / "trusted" / chapter,
-                                           [t for targets in forbidden.values() for t in targets])
-    settings = Settings(notebook_timeout, _kernel_env(quick, threads), use_sandbox,
-                        _batch_limits(limits, notebook_timeout, threads), chapter_probes, release, forbidden,
-                        withheld, cell_timeout=cell_timeout)
-    for slot in sandbox.reserve_slots(jobs) if use_sandbox else range(jobs):
-        settings.slots.put(slot)
-    _grade_pending(ws, chapter, todo, flags, status, settings, jobs=jobs, progress=progress)
-    return status.records, todo
+
+def _connect(scheduler: str | None, ws: Workspace, use_sandbox: bool):
+    """The checked Dask cluster (grader/cluster.py), or None to grade here (sandbox checked)."""
+    if scheduler is None:
+        if use_sandbox:
+            _require_sandbox()
+        return None
+    if not use_sandbox:
+        raise GraderError("--unsafe-no-sandbox grades on this machine only; a cluster's workers "
+                          "always grade in the sandbox (leave out --scheduler)")
+    from grader import cluster
+
+    return cluster.connect(scheduler, ws.repo_root)
 
 
 def _require_sandbox() -> None:
@@ -468,42 +509,248 @@ def _batch_limits(limits: sandbox.Limits | None, notebook_timeout: float, thread
                              "cpu_seconds": int(notebook_timeout * threads * 2 + 60)})
 
 
-def _grade_pending(ws: Workspace, chapter: str, todo: list[str], flags: dict[str, list[str]],
-                   status: ChapterStatus, settings: Settings, *, jobs: int, progress: bool) -> None:
-    """Grade the students in ``todo``, ``jobs`` at a time, saving the status file after each so
-    that an interrupted batch (Ctrl-C, SIGTERM) keeps what was finished."""
-    bar = tqdm(total=len(todo), desc=f"grading {chapter}", disable=not progress, unit="nb")
+# -- the grading station: one function grades one submission, here or on a Dask worker ------------
 
-    def run(student: str) -> tuple[str, Outcome]:
-        return student, grade_one(ws, chapter, student, settings)
+
+@dataclass
+class Station:
+    """Where submissions are graded: a scratch workspace of its own (its gradebook, release,
+    sandbox folders and logs; never the instructor's) and the settings of the batch. The local
+    path opens one in ``<workspace>/scratch/<chapter>``, each Dask worker one in its own folder
+    (grader/cluster.py); both grade through :func:`grade_submission`."""
+
+    ws: Workspace
+    chapter: str
+    settings: Settings
+    worker: str = "local"
+
+
+@dataclass
+class GradeResult:
+    """One submission graded by :func:`grade_submission`: plain data only (strings, numbers),
+    sent back from a Dask worker as JSON. The coordinator records it (:class:`Recorder`)."""
+
+    student: str
+    status: str
+    message: str
+    seconds: float
+    flags: list[str] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)
+    seed: int | None = None
+    notebook: str | None = None  # the graded notebook (JSON text); None when nothing was graded
+    gradebook: dict | None = None  # this submission's gradebook entries (_export_grades)
+    log: str = ""  # nbgrader's log of this grading
+    log_path: str = ""  # where the log was, where it was graded (messages name it)
+    worker: str = "local"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> GradeResult:
+        return cls(**json.loads(text))
+
+
+def open_station(root: Path, chapter: str, folder: Path, options: Options, jobs: int,
+                 worker: str = "local") -> Station:
+    """A station grading ``jobs`` submissions at once in the scratch workspace ``folder``, from the
+    course at ``root``; the scratch is kept between batches and rebuilt when the course changed."""
+    scratch = Workspace(folder, root)
+    try:
+        chapter_probes, release, forbidden = _prepare_chapter(scratch, chapter, options.cell_timeout)
+    except GraderError:  # a scratch of an older version of the course: nothing in it to keep
+        shutil.rmtree(folder, ignore_errors=True)
+        scratch = Workspace(folder, root)
+        chapter_probes, release, forbidden = _prepare_chapter(scratch, chapter, options.cell_timeout)
+    threads = max(1, _usable_cpus() // jobs)
+    withheld = trusted.withheld_course_lib(scratch.path / "trusted" / chapter,
+                                           [t for targets in forbidden.values() for t in targets])
+    limits = _batch_limits(sandbox.Limits(**options.limits), options.notebook_timeout, threads)
+    settings = Settings(options.notebook_timeout, _kernel_env(options.quick, threads), options.use_sandbox,
+                        limits, chapter_probes, release, forbidden, withheld,
+                        cell_timeout=options.cell_timeout)
+    for slot in sandbox.reserve_slots(jobs) if options.use_sandbox else range(jobs):
+        settings.slots.put(slot)
+    return Station(scratch, chapter, settings, worker)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a Slurm job's share of a node, not the whole node)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def grade_submission(station: Station, student: str, notebook: str) -> GradeResult:
+    """Grade one submission (``notebook``: the text of the notebook as the coordinator copied it)
+    in the station's scratch workspace, and return plain results; nothing of it stays there."""
+    ws, chapter = station.ws, station.chapter
+    _clear_student(ws, chapter, student)
+    path = ws.submitted(student, chapter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(notebook)
+    try:
+        outcome = grade_one(ws, chapter, student, station.settings)
+        graded = ws.autograded(student, chapter)
+        result = GradeResult(student, str(outcome.status), outcome.message, outcome.seconds,
+                             outcome.flags, outcome.checks, outcome.seed,
+                             log_path=str(ws.log(student, chapter)), worker=station.worker)
+        if outcome.status == Status.GRADED:
+            result.notebook = graded.read_text()
+        result.gradebook = _export_grades(ws, chapter, student, keep=outcome.status == Status.GRADED)
+        if ws.log(student, chapter).exists():
+            result.log = ws.log(student, chapter).read_text(errors="replace")
+        return result
+    finally:
+        _clear_student(ws, chapter, student)
+
+
+def _clear_student(ws: Workspace, chapter: str, student: str) -> None:
+    """Remove a student's files from a scratch workspace (before and after grading them)."""
+    for folder in (ws.submitted(student, chapter).parent, ws.autograded(student, chapter).parent,
+                   ws.sandbox_dir(student, chapter)):
+        shutil.rmtree(folder, ignore_errors=True)
+    ws.log(student, chapter).unlink(missing_ok=True)
+
+
+# What the gradebook keeps of one graded submission, copied from the station's to the instructor's.
+_GRADE_FIELDS = ("auto_score", "manual_score", "extra_credit", "needs_manual_grade")
+_COMMENT_FIELDS = ("auto_comment", "manual_comment")
+_NOTEBOOK_FIELDS = ("flagged", "late_submission_penalty")
+
+
+def _export_grades(ws: Workspace, chapter: str, student: str, keep: bool) -> dict | None:
+    """The gradebook entries of one submission as plain data (None unless ``keep``), then removed
+    from the station's gradebook."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    with Gradebook(ws.db_url) as gb:
+        try:
+            submission = gb.find_submission(chapter, student)
+        except MissingEntry:
+            return None
+        data = {nb.name: {"notebook": {f: getattr(nb, f) for f in _NOTEBOOK_FIELDS},
+                          "grades": {g.name: {f: getattr(g, f) for f in _GRADE_FIELDS} for g in nb.grades},
+                          "comments": {c.name: {f: getattr(c, f) for f in _COMMENT_FIELDS}
+                                       for c in nb.comments}}
+                for nb in submission.notebooks}
+        gb.remove_submission(chapter, student)
+    return data if keep else None
+
+
+def _import_grades(ws: Workspace, chapter: str, student: str, data: dict) -> None:
+    """Write a submission's gradebook entries (from :func:`_export_grades`) into ``ws``'s gradebook,
+    in one transaction."""
+    from nbgrader.api import Gradebook
+    from sqlalchemy.exc import SAWarning
+
+    with Gradebook(ws.db_url) as gb, warnings.catch_warnings():
+        # nbgrader's add_submission builds its rows before adding them to the session, which
+        # SQLAlchemy warns about (harmlessly) on stderr; nbgrader's own autograde does the same.
+        warnings.simplefilter("ignore", SAWarning)
+        gb.update_or_create_student(student)
+        submission = gb.update_or_create_submission(chapter, student)
+        for nb in submission.notebooks:
+            entries = data.get(nb.name, {})
+            for name, value in entries.get("notebook", {}).items():
+                setattr(nb, name, value)
+            for rows, kind in ((nb.grades, "grades"), (nb.comments, "comments")):
+                for row in rows:
+                    for name, value in entries.get(kind, {}).get(row.name, {}).items():
+                        setattr(row, name, value)
+        gb.db.commit()
+
+
+class Recorder:
+    """The coordinator's side: records each graded submission exactly once, in the instructor's
+    workspace only (gradebook, graded notebook, log, then its status record, so an interrupted
+    batch never holds a half-recorded submission: its status stays pending and a rerun grades it),
+    with a progress bar and a count per worker."""
+
+    def __init__(self, ws: Workspace, chapter: str, status: ChapterStatus, flags: dict[str, list[str]],
+                 *, total: int, progress: bool):
+        self.ws, self.chapter, self.status, self.flags = ws, chapter, status, flags
+        self.by_worker: Counter[str] = Counter()
+        self.recorded: set[str] = set()
+        self.bar = tqdm(total=total, desc=f"grading {chapter}", disable=not progress, unit="nb")
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ws.save_status(self.status)
+        self.bar.close()
+
+    def record(self, result: GradeResult) -> bool:
+        """Record ``result``; False (and nothing written) when its student is already recorded."""
+        if result.student in self.recorded:
+            return False
+        ws, chapter, student = self.ws, self.chapter, result.student
+        graded = ws.autograded(student, chapter)
+        if result.gradebook is not None and result.notebook is not None:
+            _import_grades(ws, chapter, student, result.gradebook)
+            _write_atomically(graded, result.notebook)
+        else:
+            graded.unlink(missing_ok=True)  # an earlier grading's notebook must not stand for this one
+        _write_atomically(ws.log(student, chapter), result.log)
+        old = self.status.records[student]
+        message = result.message.replace(result.log_path, str(ws.log(student, chapter))) \
+            if result.log_path else result.message
+        self.status.records[student] = Record(
+            student, Status(result.status), message, old.source, old.sha256, round(result.seconds, 2),
+            self.flags.get(student, []) + result.flags, result.checks, result.seed)
+        ws.save_status(self.status)  # after every student, so an interrupted batch resumes
+        self.recorded.add(student)
+        self.by_worker[result.worker] += 1
+        if result.worker != "local":
+            self.bar.set_postfix_str(", ".join(f"{w}: {n}" for w, n in sorted(self.by_worker.items())),
+                                     refresh=False)
+        self.bar.update(1)
+        return True
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _grade_here(ws: Workspace, chapter: str, todo: list[str], options: Options, recorder: Recorder,
+                jobs: int | None) -> None:
+    """Grade the students in ``todo`` on this machine, ``jobs`` at a time."""
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    if not todo:
+        return
+    station = open_station(ws.repo_root, chapter, ws.path / "scratch" / chapter, options, jobs)
+
+    def run(student: str) -> GradeResult:
+        return grade_submission(station, student, ws.submitted(student, chapter).read_text())
 
     pool = ThreadPoolExecutor(max_workers=jobs)
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for student, outcome in pool.map(run, todo):
-            _record_outcome(status.records[student], outcome, flags.get(student, []))
-            ws.save_status(status)  # after every student, so an interrupted batch resumes
-            bar.update(1)
+        for result in pool.map(run, todo):
+            recorder.record(result)
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
         kill_running()
-        ws.save_status(status)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if threading.current_thread() is threading.main_thread():
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops the batch as Ctrl-C does (a KeyboardInterrupt in the main thread)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        if main:
             signal.signal(signal.SIGTERM, previous)
-        bar.close()
-
-
-def _record_outcome(record: Record, outcome: Outcome, flags: list[str]) -> None:
-    """Write one student's grading into its record; ``flags`` are those read before it ran."""
-    record.status, record.message = outcome.status, outcome.message
-    record.seconds = round(outcome.seconds, 2)
-    record.flags = flags + outcome.flags
-    record.checks, record.seed = outcome.checks, outcome.seed
 
 
 def _raise_interrupt(signum, frame):

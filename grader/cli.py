@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                            "grading as root with a writable memory controller. Each process's address "
                            "space is also limited to it (CPU grading only: CUDA needs a very large one); "
                            "without cgroups that per-process limit is the only one")
+    auto.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                      help="grade on the Dask cluster whose scheduler is at this address: each "
+                           "submission is a task for one of its workers (same course checkout and venv, "
+                           "bubblewrap; a worker that differs or has no sandbox is refused); gradebook, "
+                           "status and reports stay here. --jobs is then ignored: each worker grades "
+                           "as many at once as its threads (see docs/instructor-guide.md)")
     auto.add_argument("--unsafe-no-sandbox", action="store_true",
                       help="grade even where no sandbox can start: student code then runs as you, "
                            "with your files, and every submission is flagged. Never for official grades.")
@@ -148,15 +154,18 @@ def _autograde(ws: Workspace, chapter: str, args: argparse.Namespace) -> int:
         raise GraderError("--jobs must be at least 1")
     if args.memory_limit <= 0:
         raise GraderError("--memory-limit must be a positive number of GiB")
-    records, graded_now = autograde(ws, chapter, args.submissions, jobs=args.jobs,
+    records, graded_now, by_worker = autograde(ws, chapter, args.submissions, jobs=args.jobs,
                         cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
                         quick=not args.full, force=args.force, id_pattern=args.id_pattern,
                         progress=sys.stderr.isatty() or bool(os.environ.get("COURSE_PROGRESS")),
                         use_sandbox=not args.unsafe_no_sandbox,
                         limits=Limits(memory_bytes=int(args.memory_limit * 2**30),
-                                      address_space_bytes=int(args.memory_limit * 2**30)))
+                                      address_space_bytes=int(args.memory_limit * 2**30)),
+                        scheduler=args.scheduler)
     rejected = ws.load_status(chapter).rejected
     _print_batch(ws, chapter, records, graded_now, rejected)
+    if set(by_worker) - {"local"}:
+        print("graded per worker: " + ", ".join(f"{w}: {n}" for w, n in sorted(by_worker.items())))
     # Exit 1 when anything needs the instructor's attention.
     bad = sum(1 for r in records.values() if r.status != Status.GRADED)
     return 1 if bad or rejected else 0

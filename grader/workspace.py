@@ -12,6 +12,9 @@
       reports/<chapter>/     grades.csv, summary.md, pass_rates.png, similarity.html,
                              canvas.csv (with --roster), feedback/<student>.html
       reports/all_grades.csv every chapter's grades in one long table (grader/lms.py)
+      scratch/<chapter>/     the grading station of this machine: a workspace of its own where
+                             submissions are graded (grader/autograde.py open_station); only the
+                             grader's Recorder writes the folders above
 """
 
 from __future__ import annotations
