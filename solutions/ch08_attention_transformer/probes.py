@@ -21,25 +21,27 @@ WEIGHTED_SUMS = {"rtol": 1e-9, "atol": 1e-12, "normwise": True, "same_dtype": "o
 
 # -- exercise 1: scaled dot-product attention ------------------------------------------------------
 
-# (mask kind, causal): 0 none, 1 padding, 2 random
-SDPA_PLAN = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True)]
+# (mask kind, causal, leading dims): kind 0 none, 1 padding, 2 random; 0 to 2 leading (batch, head)
+# dims, so that an answer that counts dimensions from the front fails somewhere.
+SDPA_PLAN = [(0, False, 0), (0, True, 1), (1, False, 2), (1, True, 1), (2, False, 2), (2, True, 0)]
+SDPA_GRAD_CASE = 1  # gradients with respect to q, k and v, as the hidden tests take them
 
 
 def _sdpa_inputs(g):
     x = {}
-    for i, (kind, causal) in enumerate(SDPA_PLAN):
-        b, h = randint(g, 1, 3), randint(g, 1, 3)
-        tq = randint(g, 1, 9)
-        tk = tq if causal else randint(g, 1, 9)
+    for i, (kind, causal, n_lead) in enumerate(SDPA_PLAN):
+        lead = tuple(randint(g, 1, 3) for _ in range(n_lead))
+        tq = randint(g, 2, 9)
+        tk = tq if causal else randint(g, 2, 9)
         d, dv = randint(g, 1, 16), randint(g, 1, 8)
-        x[f"q{i}"] = torch.randn(b, h, tq, d, generator=g, dtype=F64) * (3.0 if i == 5 else 1.0)
-        x[f"k{i}"] = torch.randn(b, h, tk, d, generator=g, dtype=F64)
-        x[f"v{i}"] = torch.randn(b, h, tk, dv, generator=g, dtype=F64)
+        x[f"q{i}"] = torch.randn(*lead, tq, d, generator=g, dtype=F64) * (3.0 if i == 5 else 1.0)
+        x[f"k{i}"] = torch.randn(*lead, tk, d, generator=g, dtype=F64)
+        x[f"v{i}"] = torch.randn(*lead, tk, dv, generator=g, dtype=F64)
         if kind == 1:
-            lengths = torch.randint(1, tk + 1, (b,), generator=g)
-            x[f"mask{i}"] = ref.padding_mask(lengths, tk)[:, None, None, :]
+            lengths = torch.randint(1, tk + 1, (lead[0],), generator=g)
+            x[f"mask{i}"] = ref.padding_mask(lengths, tk).view(lead[0], *[1] * (n_lead - 1), 1, tk)
         elif kind == 2:
-            mask = torch.rand(b, h, tq, tk, generator=g) < 0.6
+            mask = torch.rand(*lead, tq, tk, generator=g) < 0.6
             mask[..., 0] = True  # no row fully masked
             x[f"mask{i}"] = mask
         x[f"cfg{i}"] = torch.tensor([kind, int(causal)])
@@ -53,6 +55,12 @@ def _sdpa_outputs(f, x):
         causal = bool(x[f"cfg{i}"][1])
         out[f"out{i}"] = f(x[f"q{i}"], x[f"k{i}"], x[f"v{i}"], mask=x.get(f"mask{i}"), is_causal=causal)
     out["out32"] = f(x["q32"], x["k32"], x["v32"], is_causal=True)
+    i = SDPA_GRAD_CASE
+    leaves = [x[f"{n}{i}"].detach().requires_grad_(True) for n in "qkv"]  # share the inputs' memory
+    y = f(*leaves, is_causal=True)
+    upstream = torch.cos(torch.arange(y.numel(), dtype=F64)).view(y.shape)
+    grads = torch.autograd.grad((y * upstream).sum(), leaves)
+    out.update({f"grad_{n}": gr for n, gr in zip("qkv", grads, strict=True)})
     return out
 
 
@@ -64,9 +72,9 @@ MHA_CASES = 5
 def _mha_inputs(g):
     x = {}
     for i in range(MHA_CASES):
-        h = randint(g, 1, 4)
+        h = randint(g, 2, 4) if i else 1  # several heads and positions after the first case
         c = h * randint(g, 1, 5)
-        t = randint(g, 1, 8)
+        t = randint(g, 2, 8) if i else randint(g, 1, 8)
         x[f"x{i}"] = torch.randn(randint(g, 1, 3), t, c, generator=g, dtype=F64)
         for name in ("w_q", "w_k", "w_v", "w_o"):
             x[f"{name}{i}"] = torch.randn(c, c, generator=g, dtype=F64) / c**0.5
@@ -138,11 +146,20 @@ def _block_inputs(g):
 
 
 def _block_outputs(f, x):
+    """Outputs and the gradients with respect to x and every weight (leaves that share the inputs'
+    memory, so that check_inputs_unchanged sees an answer that writes into them)."""
     out = {}
     for i in range(BLOCK_CASES):
         prefix = f"b{i}:"
-        state = {k[len(prefix):]: v.clone() for k, v in x.items() if k.startswith(prefix)}
-        out[f"out{i}"] = f(x[f"x{i}"].clone(), state, int(x[f"cfg{i}"][0]))
+        state = {k[len(prefix):]: v.detach().requires_grad_(True)
+                 for k, v in x.items() if k.startswith(prefix)}
+        leaf = x[f"x{i}"].detach().requires_grad_(True)
+        y = f(leaf, state, int(x[f"cfg{i}"][0]))
+        upstream = torch.sin(torch.arange(y.numel(), dtype=F64)).view(y.shape)
+        names = sorted(state)
+        grads = torch.autograd.grad((y * upstream).sum(), [leaf] + [state[n] for n in names])
+        out[f"out{i}"] = y.detach()
+        out.update({f"grad{i}_{n}": gr for n, gr in zip(["x", *names], grads, strict=True)})
     return out
 
 
@@ -399,11 +416,13 @@ def _patch_outputs(patchify, x):
 
 PROBES = [
     same_as("ex1_attention_tests", ref.scaled_dot_product_attention, _sdpa_inputs, _sdpa_outputs,
-            tolerances={"out32": (1e-5, 1e-6)}, **WEIGHTED_SUMS),
-    same_as("ex2_multi_head_tests", ref.multi_head_attention, _mha_inputs, _mha_outputs, **WEIGHTED_SUMS),
+            tolerances={"out32": (1e-5, 1e-6)}, check_inputs_unchanged=True, **WEIGHTED_SUMS),
+    same_as("ex2_multi_head_tests", ref.multi_head_attention, _mha_inputs, _mha_outputs,
+            check_inputs_unchanged=True, **WEIGHTED_SUMS),
     same_as("ex3_rope_tests", ref.apply_rope, _rope_inputs, _rope_outputs,
             tolerances={"out32": (1e-5, 1e-6)}, **WEIGHTED_SUMS),
-    same_as("ex4_block_tests", ref.transformer_block, _block_inputs, _block_outputs, **WEIGHTED_SUMS),
+    same_as("ex4_block_tests", ref.transformer_block, _block_inputs, _block_outputs,
+            check_inputs_unchanged=True, **WEIGHTED_SUMS),
     same_as("ex5_modules_tests", (reference_gpt.CausalSelfAttention, reference_gpt.MLP, reference_gpt.Block),
             _modules_inputs, _modules_outputs, tolerances=_F32Tolerances(MODULE_TOL), **WEIGHTED_SUMS),
     same_as("ex6_gpt_tests", reference_gpt.GPT, _gpt_inputs, _gpt_outputs,
