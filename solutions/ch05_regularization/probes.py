@@ -235,6 +235,9 @@ def _bn_all(f, x):
     zeros, ones = torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64)
     o, grads = _grads(lambda a, b, c: f(a, b, c, zeros, ones, True)[0], (x["gx"], x["gg"], x["gb"]), up)
     out["out_grad"], out["grad_x"], out["grad_gamma"], out["grad_beta"] = o, *grads
+    # The running statistics are buffers: no autograd graph, even when x requires gradients.
+    _, rm, rv = f(x["gx"].clone().requires_grad_(True), x["gg"], x["gb"], zeros, ones, True)
+    out["stats_require_grad"] = torch.tensor(float(rm.requires_grad or rv.requires_grad))
     return out
 
 
@@ -278,6 +281,8 @@ def _ln_all(f, x):
         kwargs = {} if eps is None else {"eps": float(x["eps"]) if eps == "eps" else eps}
         out[f"out{i}"] = f(x[f"x{i}"], norm, *args, **kwargs)
     out["out_big"] = f(x["big"], 256)
+    out["out_weight_only"] = f(x["gx"], 6, weight=x["gw"])  # each may come without the other
+    out["out_bias_only"] = f(x["gx"], 6, bias=x["gb"])
     o, grads = _grads(lambda a, w, b: f(a, 6, w, b), (x["gx"], x["gw"], x["gb"]), x["up"])
     out["out_grad"], out["grad_x"], out["grad_w"], out["grad_b"] = o, *grads
     return out
