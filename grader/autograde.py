@@ -588,7 +588,7 @@ def grade_submission(station: Station, student: str, notebook: str) -> GradeResu
     _clear_student(ws, chapter, student)
     path = ws.submitted(student, chapter)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(notebook)
+    path.write_text(notebook, encoding="utf-8")
     try:
         outcome = grade_one(ws, chapter, student, station.settings)
         graded = ws.autograded(student, chapter)
@@ -596,10 +596,10 @@ def grade_submission(station: Station, student: str, notebook: str) -> GradeResu
                              outcome.flags, outcome.checks, outcome.seed,
                              log_path=str(ws.log(student, chapter)), worker=station.worker)
         if outcome.status == Status.GRADED:
-            result.notebook = graded.read_text()
+            result.notebook = graded.read_text(encoding="utf-8")
         result.gradebook = _export_grades(ws, chapter, student, keep=outcome.status == Status.GRADED)
         if ws.log(student, chapter).exists():
-            result.log = ws.log(student, chapter).read_text(errors="replace")
+            result.log = ws.log(student, chapter).read_text(encoding="utf-8", errors="replace")
         return result
     finally:
         _clear_student(ws, chapter, student)
@@ -712,7 +712,7 @@ class Recorder:
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -725,7 +725,7 @@ def _grade_here(ws: Workspace, chapter: str, todo: list[str], options: Options, 
     station = open_station(ws.repo_root, chapter, ws.path / "scratch" / chapter, options, jobs)
 
     def run(student: str) -> GradeResult:
-        return grade_submission(station, student, ws.submitted(student, chapter).read_text())
+        return grade_submission(station, student, ws.submitted(student, chapter).read_text(encoding="utf-8"))
 
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:

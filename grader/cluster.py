@@ -134,9 +134,10 @@ def connect(address: str, root: Path, timeout: float = CONNECT_TIMEOUT) -> Clust
     or none of its workers may grade."""
     from distributed import Client
 
+    _check_address(address)
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError) as error:
+    except (OSError, TimeoutError, ValueError) as error:
         raise GraderError(f"Cannot reach the Dask scheduler at {address} ({error}). Is `dask "
                           "scheduler` running there, and is its port open from here?") from None
     try:
@@ -146,6 +147,25 @@ def connect(address: str, root: Path, timeout: float = CONNECT_TIMEOUT) -> Clust
         client.close()
         raise
     return pool
+
+
+def _check_address(address: str) -> None:
+    """A clear error, fast, for an address that is not one or where nothing listens (before a
+    Dask client retries for ``CONNECT_TIMEOUT`` seconds and leaves noise on stderr)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location) if scheme in ("tcp", "tls") else (None, None)
+    except ValueError as error:
+        raise GraderError(f"--scheduler {address!r} is not a Dask scheduler's address ({error}); "
+                          "write tcp://HOST:PORT") from None
+    if host is not None:
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+        except OSError as error:
+            raise GraderError(f"Cannot reach the Dask scheduler at {address} ({error}). Is `dask "
+                              "scheduler` running there, and is its port open from here?") from None
 
 
 class ClusterPool:
@@ -237,7 +257,7 @@ class Batch:
     def _job(self, student: str) -> dict:
         ws = self.recorder.ws
         return {"chapter": self.chapter, "student": student, "options": self.options.__dict__,
-                "notebook": ws.submitted(student, self.chapter).read_text(),
+                "notebook": ws.submitted(student, self.chapter).read_text(encoding="utf-8"),
                 "expected": self.pool.expected}
 
     def _top_up(self) -> None:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -337,3 +338,17 @@ def test_a_result_arriving_twice_is_recorded_once(tmp_path):
     assert (saved.message, saved.flags, saved.sha256) == ("the first", ["static flag"], "ab")
     assert ws.log("ann", CHAPTER).read_text() == "first log"
     assert dict(recorder.by_worker) == {"tcp://a:1": 1}
+
+
+def test_a_scheduler_that_cannot_be_reached(course, tmp_path):
+    """A wrong address, or one where nothing listens: a clear error at once, nothing written."""
+    with socket.socket() as probe:  # a port the OS gives, closed again: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for address, words in ((f"tcp://127.0.0.1:{port}", "Cannot reach the Dask scheduler"),
+                           ("127.0.0.1", "is not a Dask scheduler's address")):
+        result = _autograde(course, subs, tmp_path / "ws", "--scheduler", address)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "ws").exists()
