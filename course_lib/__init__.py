@@ -18,6 +18,7 @@ Small modules by topic:
 - :mod:`course_lib.cnn`      — convolution as im2col, pooling, residual blocks, small CNNs (chapter 6)
 - :mod:`course_lib.embeddings` — word vectors (skip-gram, CBOW), an LSTM cell, a char LSTM (chapter 7)
 - :mod:`course_lib.attention` — masks, multi-head attention from weights, positions, RoPE (chapter 8)
+- :mod:`course_lib.vit`      — image patches as tokens, a small vision transformer (chapter 8)
 - :mod:`course_lib.data_prep` — shingles, Jaccard, MinHash, near duplicates, grouped splits (chapter 9)
 - :mod:`course_lib.pretraining` — next-token loss, MLM masking, accumulation (chapter 10)
 - :mod:`course_lib.parallel` — gradient all-reduce, data, tensor and pipeline parallelism (chapter 11;
@@ -26,6 +27,7 @@ Small modules by topic:
 - :mod:`course_lib.bert`     — a BERT encoder and all-MiniLM-L6-v2 loaded into it (chapter 12)
 - :mod:`course_lib.finetuning` — labelled passages, task heads, freezing, class weights, metrics, LoRA (ch 12)
 - :mod:`course_lib.instruction` — instruction pairs, chat template, prompt loss mask, BLEU (chapter 13)
+- :mod:`course_lib.hf_bridge` — the course GPT and MiniLM loaded into ``transformers``' models (chapter 12)
 - :mod:`course_lib.model_selection` — k-fold splits, grid and random search (chapter 13)
 - :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
   :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
