@@ -50,7 +50,12 @@ def _drive(make, x, idle):
         for group, lr in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = lr * float(x["lr_factor"][step])
         for i, p in enumerate(params):
-            p.grad = None if step < idle[i] else x[f"grad{i}"][step].clone()
+            if step < idle[i] or p.grad is None:
+                p.grad = None if step < idle[i] else x[f"grad{i}"][step].clone()
+            else:
+                # As zero_grad(set_to_none=False) and backward do: the same .grad tensor gets the
+                # new values, so an optimizer state that aliases p.grad changes with it.
+                p.grad.copy_(x[f"grad{i}"][step])
         opt.step()
 
     def closure():
@@ -191,8 +196,9 @@ def _clip(f, x):
         params = leaves[0] if how == "tensor" else [unused] if how == "no gradient" else [*leaves, unused]
         if how == "generator":
             params = (p for p in params)
+        held = [leaf.grad for leaf in leaves]  # clipping is in place: these tensors must change
         out[f"c{c}_norm"] = f(params, float(x[f"c{c}_max"]))
-        out.update({f"c{c}_grad{i}": leaf.grad for i, leaf in enumerate(leaves)})
+        out.update({f"c{c}_grad{i}": grad for i, grad in enumerate(held)})
         out[f"c{c}_unused_has_grad"] = float(unused.grad is not None)
     return out
 
