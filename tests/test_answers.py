@@ -38,10 +38,16 @@ def test_fixtures_are_well_formed(chapter):
     combined = combined_wrong_answer(chapter)
     assert len(combined["parts"]) >= 2, \
         f"{chapter}: no two wrong answers replace different answer cells and fail different test cells"
+    alternatives = dict.fromkeys(solutions, 0)
     for case in correct_answers(chapter):
         unknown = set(case["answers"]) - set(solutions)
         assert not unknown, f"{chapter} correct alternative {case['name']!r} names unknown cells {unknown}"
         assert not case.get("fails"), f"{chapter} correct alternative {case['name']!r} lists failures"
+        for cell in case["answers"]:
+            alternatives[cell] += 1
+    # Issue 19: a test that rejects a correct answer is as wrong as one that accepts a wrong one.
+    short = {cell: n for cell, n in alternatives.items() if n < 2}
+    assert not short, f"{chapter}: answer cells with fewer than 2 correct alternatives: {short}"
     # The harness skips demo cells: a test cell that read a demo's variable would be run wrongly.
     assert demo_names_read_by_tests(chapter) == {}
 
