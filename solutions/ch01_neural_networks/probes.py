@@ -50,7 +50,9 @@ def _numerical_gradient_run(ns, x):
     return {"grad": grad, "point_after": point}
 
 
-N_TRAIN = 417  # 13 * 32 + 1: the last batch of an epoch holds one example
+N_TRAIN = 417  # 13 * 32 + 1: in the lr = 0 run the last batch of an epoch holds one example
+N_FIT = 400  # the training run whose accuracy is judged: a last batch of one example at lr = 0.5
+# would jolt the weights each epoch (training accuracy fell to 0.76 on some seeds)
 
 
 def _train_inputs(g):
@@ -60,10 +62,11 @@ def _train_inputs(g):
 
 
 def _train_run(ns, x):
-    params, losses = ns["train_mlp"](x["x"], x["y"], n_hidden=32, lr=0.5, epochs=15, batch_size=32, seed=3)
+    fit_x, fit_y = x["x"][:N_FIT], x["y"][:N_FIT]
+    params, losses = ns["train_mlp"](fit_x, fit_y, n_hidden=32, lr=0.5, epochs=15, batch_size=32, seed=3)
     # Accuracy is judged on the student's own forward pass, so a mistake in exercise 1 does not
     # cost the points of this exercise a second time.
-    logits = ns["mlp_forward"](x["x"], params)[0]
+    logits = ns["mlp_forward"](fit_x, params)[0]
     # lr = 0 in float64: the losses are batch means at the initial parameters (see _batching_error).
     _, losses0 = ns["train_mlp"](x["x"].double(), x["y"], n_hidden=8, lr=0.0, epochs=2, batch_size=32, seed=4)
     # The loss of all examples at the initial parameters, by the student's own forward pass and
@@ -96,7 +99,7 @@ def _train_check(x, out):
     if batching:
         return batching
     losses = out["losses"]
-    steps = 15 * math.ceil(len(x["x"]) / 32)
+    steps = 15 * math.ceil(N_FIT / 32)
     if losses.shape != (steps,):
         return f"{losses.numel()} losses, expected one per step ({steps})"
     if not torch.isfinite(losses).all():
@@ -104,9 +107,9 @@ def _train_check(x, out):
     first, last = losses[:25].mean().item(), losses[-25:].mean().item()
     if not last < 0.5 * first:
         return f"the loss fell only from {first:.3f} to {last:.3f}"
-    if out["logits"].shape != (len(x["x"]), 3):
+    if out["logits"].shape != (N_FIT, 3):
         return f"logits of shape {tuple(out['logits'].shape)}"
-    accuracy = (out["logits"].argmax(dim=1) == x["y"]).double().mean().item()
+    accuracy = (out["logits"].argmax(dim=1) == x["y"][:N_FIT]).double().mean().item()
     if accuracy < 0.9:
         return f"training accuracy {accuracy:.3f} is below 0.9"
     return None
