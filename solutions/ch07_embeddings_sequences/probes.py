@@ -57,13 +57,16 @@ def _cos_inputs(g):
         v, d = randint(g, 20, 60 if dtype == F32 else 300), randint(g, 2, 32)
         emb = torch.randn(v, d, generator=g, dtype=F64)
         emb = emb * torch.exp(1.5 * torch.randn(v, 1, generator=g, dtype=F64))  # lengths far apart
-        emb[randint(g, 0, v - 1)] = 0.0  # a zero row: similarity 0
+        zero = randint(g, 0, v - 1)
+        emb[zero] = 0.0  # a zero row: similarity 0
         n_ex = randint(g, 0, 4)
         exclude = torch.randperm(v, generator=g)[:n_ex]
         k = randint(g, 1, min(12, v - n_ex))
         query = torch.randn(d, generator=g, dtype=F64)
         if i == 1:  # the query is one of the rows, excluded as in the demo
-            query = emb[int(exclude[0])].clone() if n_ex else emb[0].clone()
+            # never the zero row: a zero query makes every similarity 0, a tie in any order
+            row = int(exclude[0]) if n_ex and int(exclude[0]) != zero else (zero + 1) % v
+            query = emb[row].clone()
         if i == 2:  # a short query: the similarities are still cosines
             query = query * log_uniform(g, 0.001, 0.5)
         x[f"e{i}"], x[f"q{i}"], x[f"ex{i}"] = emb.to(dtype), query.to(dtype), exclude
