@@ -29,8 +29,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.grading_helpers import REPO, once_per_session, read_grades, run_grader
-from tests.mini_course import CHAPTER, MAX_SCORE, make_course, solved
+from tests import test_grader
+from tests.grading_helpers import REPO, read_grades, run_grader
+from tests.mini_course import CHAPTER, MAX_SCORE, solved
 
 pytestmark = [
     pytest.mark.grader,
@@ -108,20 +109,8 @@ class LoopbackCluster:
             self.kill(name)
 
 
-@pytest.fixture
-def course(tmp_path_factory) -> Path:
-    def make(folder: Path) -> dict:
-        root = make_course(folder / "course")
-        result = run_grader("release", root=root)
-        assert result.returncode == 0, result.stderr
-        return {"root": str(root)}
-
-    return Path(once_per_session(tmp_path_factory, "mini-course", make)["root"])
-
-
-@pytest.fixture
-def release_nb(course) -> nbformat.NotebookNode:
-    return nbformat.read(course / "chapters" / CHAPTER / f"{CHAPTER}.ipynb", as_version=4)
+# The mini course and its release: test_grader.py's fixtures (one course per test session).
+course, release_nb = test_grader.course, test_grader.release_nb
 
 
 @pytest.fixture
