@@ -203,6 +203,9 @@ def main(chapter: str, request_path: str, results_path: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # before any parallel region: the children are forked from here
+    # torch.optim imports torch._dynamo on an optimizer's first use (about 1.4 s): imported once here,
+    # the forked cases and their trusted checks inherit it instead of each importing it again.
+    import torch._dynamo  # noqa: F401
     request = json.loads(Path(request_path).read_text())
     root = Path(request["root"])
     probes_path = root / "solutions" / chapter / "probes.py"
