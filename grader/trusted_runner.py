@@ -571,6 +571,9 @@ def serve(data: Channel, control: Channel, job: dict, isolated: bool) -> None:
     namespace = new_namespace()
     if job.get("setup"):
         exec(cell_code(job["setup"], "setup"), namespace)  # noqa: S102 - the release's own cell
+    # torch.optim imports torch._dynamo on an optimizer's first use (about 1.4 s). Imported here,
+    # while the notebook may still be running, every probe's child inherits it instead.
+    import torch._dynamo  # noqa: F401
     # Ready: the grader may have started this process while the notebook still runs. The
     # student's answer cells come only now.
     job["answers"] = data.receive()["answers"]
