@@ -69,7 +69,8 @@ def numerical_gradient(f: Callable[[torch.Tensor], float | torch.Tensor], x: tor
     ``(f(x + eps e_i) - f(x - eps e_i)) / (2 eps)`` for each element ``i``; error O(eps^2). Works
     on a float64 copy so the difference is not lost to rounding; ``x`` is left unchanged.
     """
-    x = x.detach().to(torch.float64).clone()
+    # A contiguous copy: view(-1) below must be a view of x itself, whatever x's strides.
+    x = x.detach().to(torch.float64).clone(memory_format=torch.contiguous_format)
     grad = torch.zeros_like(x)
     flat, gflat = x.view(-1), grad.view(-1)
     for i in range(flat.numel()):

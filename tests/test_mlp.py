@@ -169,6 +169,14 @@ def test_numerical_gradient_is_central_not_forward():
     assert grad.shape == x.shape
 
 
+def test_numerical_gradient_of_a_non_contiguous_point():
+    x = torch.tensor([[0.5, -1.0, 3.0], [2.0, 0.1, -0.7]], dtype=F64).T  # a transposed view
+    assert not x.is_contiguous()
+    grad = mlp.numerical_gradient(lambda v: (v[:, 0] * v[:, 1] ** 2).sum(), x, eps=1e-4)
+    torch.testing.assert_close(grad[:, 0], x[:, 1] ** 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad[:, 1], 2 * x[:, 0] * x[:, 1], atol=1e-6, rtol=0)
+
+
 def test_numerical_gradient_matches_mlp_backward():
     x, y, params = random_problem(batch=6, n_in=4, n_hidden=5, n_out=3, seed=9)
     logits, cache = mlp.mlp_forward(x, params)
