@@ -19,8 +19,10 @@ The KV cache is chapter 10's :class:`course_lib.gpt.KVCache`: reused here, not r
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,39 +279,100 @@ class SpecStats:
         return self.accepted / max(1, self.proposed)
 
 
+class LookupDraft:
+    """Prompt-lookup decoding's draft: no model at all. It finds the latest earlier occurrence of
+    the last ``ngram`` tokens (then ``ngram - 1``, ... 1) in the text so far and proposes the
+    tokens that followed it, copying on as far as needed. Its distributions are one-hot (a
+    deterministic draft is a valid draft: ``q(x) = 1``), it costs next to nothing, and it agrees
+    with the target wherever the text repeats itself (code, quotes, lists, edits of a document)."""
+
+    def __init__(self, vocab_size: int, ngram: int = 3) -> None:
+        self.vocab_size, self.ngram = vocab_size, ngram
+
+    def propose(self, out: list[int], k: int) -> list[int]:
+        seq = list(out)
+        source = self._match(out)
+        for j in range(k):
+            seq.append(seq[source + j] if source is not None else seq[-1])
+        return seq[len(out):]
+
+    def _match(self, out: list[int]) -> int | None:
+        """The index of the token after the latest earlier occurrence of the longest suffix."""
+        for n in range(min(self.ngram, len(out) - 1), 0, -1):
+            pattern = out[-n:]
+            for start in range(len(out) - n - 1, -1, -1):
+                if out[start:start + n] == pattern:
+                    return start + n
+        return None
+
+
+class OracleDraft:
+    """A draft for experiments: it knows the target's greedy continuation ``reference`` (the
+    prompt included) and proposes the right token with probability ``agree``, else another one.
+    It costs nothing, so the time it saves is the most any draft agreeing that often could save."""
+
+    def __init__(self, reference: Sequence[int], agree: float, vocab_size: int,
+                 generator: torch.Generator | None = None) -> None:
+        self.reference, self.agree, self.vocab_size = list(reference), agree, vocab_size
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def propose(self, out: list[int], k: int) -> list[int]:
+        tokens = []
+        for j in range(len(out), len(out) + k):
+            right = self.reference[min(j, len(self.reference) - 1)]
+            hit = float(torch.rand((), generator=self.generator)) < self.agree
+            tokens.append(right if hit else (right + 1) % self.vocab_size)
+        return tokens
+
+
+def _propose_with_model(draft: GPT, cache: KVCache, out: list[int], k: int, temperature: float,
+                        generator: torch.Generator | None, device: torch.device
+                        ) -> tuple[list[int], torch.Tensor]:
+    """k tokens from a draft GPT, one at a time; it first catches up on the tokens its cache
+    lacks (the prompt, at first). Returns the tokens and their distributions ``(k, V)``."""
+    feed = torch.tensor([out[cache.length:]], device=device)
+    tokens, q_rows = [], []
+    for _ in range(k):
+        # On the CPU: the generator is a CPU one, and accept() works on small CPU tensors.
+        q = _probs(draft(feed, cache=cache, last_only=True)[0][0, -1], temperature).cpu()
+        token = int(torch.multinomial(q, 1, generator=generator)) if temperature else int(q.argmax())
+        tokens.append(token)
+        q_rows.append(q)
+        feed = torch.tensor([[token]], device=device)
+    return tokens, torch.stack(q_rows)
+
+
 @torch.no_grad()
-def speculative_generate(target: GPT, draft: GPT, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
-                         temperature: float = 0.0, generator: torch.Generator | None = None,
+def speculative_generate(target: GPT, draft: GPT | LookupDraft | OracleDraft, prompt: torch.Tensor,
+                         max_new_tokens: int,
+                         k: int = 4, temperature: float = 0.0, generator: torch.Generator | None = None,
                          accept: Callable[..., torch.Tensor] = speculative_accept
                          ) -> tuple[torch.Tensor, SpecStats]:
     """Generate ``max_new_tokens`` after ``prompt`` ``(1, T)`` with speculative decoding: the
-    draft proposes ``k`` tokens one by one, the target scores all of them in **one** pass, and
-    ``accept`` keeps a prefix plus one token of its own. Both models keep a KV cache; after a
-    rejection a cache is rolled back by setting its length (stale entries are overwritten later).
-    Prompt, output and ``k + 1`` more must fit in ``block_size``. Returns
-    ``(prompt + new tokens (1, T + max_new_tokens), stats)``."""
+    draft (a smaller GPT, or anything with ``propose(tokens, k)``: :class:`LookupDraft`,
+    :class:`OracleDraft`) proposes ``k`` tokens, the target scores all
+    of them in **one** pass, and ``accept`` keeps a prefix plus one token of its own. The models
+    keep KV caches; after a rejection a cache is rolled back by setting its length (stale entries
+    are overwritten later). Prompt, output and ``k + 1`` more must fit in ``block_size``.
+    Returns ``(prompt + new tokens (1, T + max_new_tokens), stats)``."""
     if prompt.shape[1] + max_new_tokens + k + 1 > target.config.block_size:
         raise ValueError("prompt + max_new_tokens + k + 1 must fit in block_size")
     device = prompt.device
-    t_cache, d_cache = target.new_cache(), draft.new_cache()
+    t_cache = target.new_cache()
+    d_cache = draft.new_cache() if isinstance(draft, GPT) else None
     out, stats = prompt[0].tolist(), SpecStats()
     while len(out) - prompt.shape[1] < max_new_tokens:
         n = len(out)
-        # The draft catches up on the tokens its cache lacks (the prompt at first), then proposes.
-        feed = torch.tensor([out[d_cache.length:]], device=device)
-        tokens, q_rows = [], []
-        for _ in range(k):
-            # On the CPU: the generator is a CPU one, and accept() works on small CPU tensors.
-            q = _probs(draft(feed, cache=d_cache, last_only=True)[0][0, -1], temperature).cpu()
-            token = int(torch.multinomial(q, 1, generator=generator)) if temperature else int(q.argmax())
-            tokens.append(token)
-            q_rows.append(q)
-            feed = torch.tensor([[token]], device=device)
+        if d_cache is not None:
+            tokens, q_rows = _propose_with_model(draft, d_cache, out, k, temperature, generator, device)
+        else:
+            tokens = draft.propose(out, k)
+            q_rows = F.one_hot(torch.tensor(tokens), target.config.vocab_size).double()
         # One target pass over what its cache lacks and the k proposals: the last k + 1 rows are
         # its distributions for the k proposed positions and the one after them.
         block = torch.tensor([out[t_cache.length:] + tokens], device=device)
         p_rows = _probs(target(block, cache=t_cache)[0][0, -(k + 1):], temperature).cpu()
-        kept = accept(torch.tensor(tokens), torch.stack(q_rows), p_rows, generator)
+        kept = accept(torch.tensor(tokens), q_rows, p_rows, generator)
         m = len(kept)
         stats.rounds += 1
         stats.proposed += k
@@ -317,7 +380,8 @@ def speculative_generate(target: GPT, draft: GPT, prompt: torch.Tensor, max_new_
         out.extend(int(t) for t in kept)
         # Valid cache entries: out[:n] and the accepted proposals that each model has processed.
         t_cache.length = n + m - 1
-        d_cache.length = n + min(m - 1, k - 1)
+        if d_cache is not None:
+            d_cache.length = n + min(m - 1, k - 1)
     return torch.tensor([out[: prompt.shape[1] + max_new_tokens]], device=device), stats
 
 
@@ -381,17 +445,30 @@ def export_program(model: GPT, example: torch.Tensor, dynamic_length: bool = Tru
     return torch.export.export(wrapper, (example,), dynamic_shapes=shapes)
 
 
-def export_onnx(model: GPT, example: torch.Tensor, path: str | Path, dynamic_length: bool = True) -> Path:
+def export_onnx(model: GPT | torch.export.ExportedProgram, example: torch.Tensor, path: str | Path,
+                dynamic_length: bool = True) -> Path:
     """The forward pass as an ONNX file (``torch.onnx.export(..., dynamo=True)``: through
     ``torch.export``, then translated to ONNX operators by onnxscript); input ``idx``, output
-    ``logits``."""
-    wrapper = LogitsOnly(model).eval()
-    shapes = None
-    if dynamic_length:
-        shapes = {"idx": {1: torch.export.Dim("length", min=1, max=model.config.block_size)}}
+    ``logits``. Given a program from :func:`export_program`, only the translation is left to do."""
+    if isinstance(model, torch.export.ExportedProgram):
+        target, shapes = model, None
+    else:
+        target, shapes = LogitsOnly(model).eval(), None
+        if dynamic_length:
+            shapes = {"idx": {1: torch.export.Dim("length", min=1, max=model.config.block_size)}}
     path = Path(path)
-    torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=["idx"],
-                      output_names=["logits"], dynamic_shapes=shapes, verbose=False)
+    # The exporter logs every optional operator library it does not find (torchvision's, ...) and
+    # a deprecation inside torch itself: notes for torch's developers, not for the reader.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(target, (example,), str(path), dynamo=True, input_names=["idx"],
+                              output_names=["logits"], dynamic_shapes=shapes, verbose=False)
+    finally:
+        logger.setLevel(level)
     return path
 
 

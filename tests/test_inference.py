@@ -147,6 +147,22 @@ def test_speculative_generate_greedy_equals_the_target_greedy(k):
     assert got.tolist() == want.tolist() and stats.acceptance == 1.0
 
 
+def test_lookup_and_oracle_drafts():
+    draft = inf.LookupDraft(vocab_size=50, ngram=2)
+    assert draft.propose([1, 2, 3, 9, 1, 2], 4) == [3, 9, 1, 2]  # copies what followed the last "1 2"
+    assert draft.propose([5, 6, 7], 2) == [7, 7]  # no earlier match: repeats the last token
+    target = tiny_gpt(seed=5, n_layer=2, block=64)
+    prompt = torch.tensor([[4, 2, 4, 2, 4]])
+    want = generate(target, prompt, 16, temperature=0.0)
+    got, _ = inf.speculative_generate(target, inf.LookupDraft(40), prompt, 16, k=3)
+    assert got.tolist() == want.tolist()
+    perfect = inf.OracleDraft(want[0].tolist(), 1.0, 40)
+    got, stats = inf.speculative_generate(target, perfect, prompt, 16, k=3)
+    assert got.tolist() == want.tolist() and stats.acceptance == 1.0 and stats.rounds == 4
+    got, stats = inf.speculative_generate(target, inf.OracleDraft(want[0].tolist(), 0.0, 40), prompt, 16, k=3)
+    assert got.tolist() == want.tolist() and stats.accepted == 0 and stats.rounds == 16
+
+
 def test_speculative_generate_samples_like_the_target():
     target = tiny_gpt(seed=4, n_layer=2, vocab=4, block=16)
     draft = inf.truncated_draft(target, 1)
@@ -188,4 +204,7 @@ def test_export_program_and_onnx_match_pytorch(tmp_path):
     path = inf.export_onnx(model, example, tmp_path / "gpt.onnx")
     session = inf.onnx_session(path, threads=1)
     got = session.run(["logits"], {"idx": other.numpy()})[0]
+    np.testing.assert_allclose(got, model(other)[0].detach().numpy(), rtol=1e-4, atol=1e-4)
+    path = inf.export_onnx(program, example, tmp_path / "from_program.onnx")  # the program, translated
+    got = inf.onnx_session(path, threads=1).run(["logits"], {"idx": other.numpy()})[0]
     np.testing.assert_allclose(got, model(other)[0].detach().numpy(), rtol=1e-4, atol=1e-4)
