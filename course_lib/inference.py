@@ -145,7 +145,8 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # Drawn on the CPU: a CPU generator cannot drive a GPU draw.
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,14 +407,23 @@ def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
     return out
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a no-op without one): GPU calls return before they finish,
+    and a timer read without waiting measures only the launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_calls(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
     """Seconds per call of ``fn`` for ``repeat`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return times
 
