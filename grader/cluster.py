@@ -26,6 +26,7 @@ package is imported from.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 import socket
@@ -34,6 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 from grader import GraderError
@@ -241,18 +243,33 @@ class Batch:
 
     def run(self, todo: list[str]) -> None:
         self.pending.extend(todo)
-        last_look = time.monotonic()
         try:
-            while self.pending or self.inflight:
-                self._top_up()
-                for future in self._wait(WATCH_EVERY):
-                    self._finish(future)
-                if time.monotonic() - last_look >= WATCH_EVERY:
-                    self._watch()
-                    last_look = time.monotonic()
+            self._loop()
+        except (OSError, TimeoutError, CancelledError) as error:  # OSError includes CommClosedError
+            if self.pool.client.status == "running":
+                raise  # not the connection: a bug, shown as one
+            # Closing the client cancels its reconnection, which Dask logs with a traceback; the
+            # message below says all there is to say.
+            logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+            raise GraderError(
+                f"Lost the Dask scheduler at {self.pool.address} while grading ({type(error).__name__}). "
+                f"Every result that arrived before is recorded; {len(self.pending) + len(self.inflight)} "
+                "submissions are not graded (still pending): restart the scheduler and its workers, "
+                "then run the same command again.") from None
         finally:
-            if self.inflight:  # interrupted: what is not recorded stays pending for a rerun
+            if self.inflight and self.pool.client.status == "running":
+                # Interrupted: what is not recorded stays pending for a rerun.
                 self.pool.client.cancel(list(self.inflight))
+
+    def _loop(self) -> None:
+        last_look = time.monotonic()
+        while self.pending or self.inflight:
+            self._top_up()
+            for future in self._wait(WATCH_EVERY):
+                self._finish(future)
+            if time.monotonic() - last_look >= WATCH_EVERY:
+                self._watch()
+                last_look = time.monotonic()
 
     def _job(self, student: str) -> dict:
         ws = self.recorder.ws
@@ -286,7 +303,10 @@ class Batch:
     def _finish(self, future) -> None:
         from distributed import KilledWorker
 
-        student, _ = self.inflight.pop(future)
+        student, allowed = self.inflight.pop(future)
+        if future.cancelled():  # only a lost scheduler cancels a task still in flight (_watch removes
+            self.inflight[future] = (student, allowed)  # its own first): not the student's doing
+            raise CancelledError(f"the task grading {student} was cancelled")
         try:
             result = GradeResult.from_json(future.result())
         except KilledWorker as error:

@@ -232,6 +232,42 @@ def test_a_worker_lost_mid_batch(cluster, course, release_nb, tmp_path):
     assert {row["score"] for row in read_grades(workspace, CHAPTER).values()} == {str(MAX_SCORE)}
 
 
+def test_the_scheduler_lost_mid_batch(cluster, course, release_nb, tmp_path):
+    """The scheduler dies while its worker grades: the coordinator stops with one message that says
+    what was recorded and what to do (no traceback), and the rest stays pending for a rerun."""
+    cluster.start_worker("w1")
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    slow = "import time\ntime.sleep(5)\ndef add(a, b):\n    return a + b\n"
+    students = [f"s{i}" for i in range(4)]
+    for student in students:
+        nbformat.write(solved(release_nb, ex1_add=slow), str(subs / f"{student}.ipynb"))
+    cluster.wait_for("w1")
+    workspace = tmp_path / "ws"
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "grader", "--root", str(course), "autograde", str(subs), "--chapter",
+         CHAPTER, "--workspace", str(workspace), "--scheduler", cluster.address],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MPLBACKEND": "Agg"})
+    status = workspace / "status" / f"{CHAPTER}.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not (status.exists() and '"status": "graded"' in status.read_text()):
+            assert coordinator.poll() is None and time.monotonic() < deadline, coordinator.communicate()
+            time.sleep(0.2)
+        cluster.kill("scheduler")
+        stdout, stderr = coordinator.communicate(timeout=180)
+    finally:
+        coordinator.kill()
+    assert coordinator.returncode == 2, stdout + stderr
+    assert "Lost the Dask scheduler" in stderr and "run the same command again" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    records = json.loads(status.read_text())["records"]
+    graded = [s for s, r in records.items() if r["status"] == "graded"]
+    assert graded and len(graded) < len(students), records
+    assert {r["status"] for s, r in records.items() if s not in graded} == {"pending"}, records
+
+
 def _kill_a_busy_worker(cluster: LoopbackCluster, addresses: dict[str, str], status_file: Path) -> str:
     """Once the first result is recorded, kill a worker that holds an unfinished task; its name."""
     from distributed import Client
