@@ -17,7 +17,7 @@ ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.setup-done
 
-.PHONY: setup system-deps lab test check e2e browser lint release release-check bench clean
+.PHONY: setup system-deps lab classroom test check e2e browser lint release release-check bench clean
 
 setup: $(STAMP)
 
@@ -39,9 +39,21 @@ $(STAMP): pyproject.toml Makefile
 system-deps:
 	bash scripts/install_system_deps.sh
 
+# A student's JupyterLab: nbgrader's assignment list and Validate, none of its instructor tools
+# (formgrader, course list, create assignment), no news prompt: the settings a class hub's students
+# get (scripts/classroom/jupyter/student, docs/classroom.md).
 lab: setup
-	cd chapters && ../$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) \
+	cd chapters && JUPYTER_CONFIG_PATH="$(CURDIR)/scripts/classroom/jupyter/student$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		../$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) \
 		--ServerApp.root_dir=. --LabApp.default_url=/lab/tree/ch00_big_picture/ch00_big_picture.ipynb
+
+# The class hub (docs/classroom.md), as root, once scripts/classroom/setup.sh has written its
+# settings to CLASSROOM_STATE.
+CLASSROOM_STATE ?= /srv/n2l-classroom
+classroom: setup
+	@test -f $(CLASSROOM_STATE)/classroom.json || { echo "no $(CLASSROOM_STATE)/classroom.json:" \
+		"run scripts/classroom/setup.sh first (docs/classroom.md)" >&2; exit 1; }
+	cd $(CLASSROOM_STATE) && $(abspath $(BIN))/jupyterhub -f $(CURDIR)/scripts/classroom/jupyterhub_config.py
 
 # Quick mode (COURSE_QUICK=1) shrinks every training run; xdist spreads tests over the cores.
 # tests/ holds the unit tests, every chapter's answers graded in-process (tests/test_answers.py),

@@ -148,7 +148,10 @@ def reserve_slots(count: int) -> list[int]:
     for slot in range(TRUSTED_SLOT_OFFSET):
         if len(slots) == count:
             break
-        handle = open(f"/tmp/n2l-sandbox-slot-{slot}.lock", "a")  # noqa: SIM115 - held on purpose
+        try:
+            handle = open(f"/tmp/n2l-sandbox-slot-{slot}.lock", "a")  # noqa: SIM115 - held on purpose
+        except PermissionError:  # another account's lock file (root's, another instructor's): taken
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -4,12 +4,37 @@
 #   postgresql         a throwaway PostgreSQL server for the gradebook tests (initdb, pg_ctl)
 #   chromium           the browser tests of the lab
 #   fonts-dejavu-core  fonts for the browser tests and plots
+#   nodejs (with npm)  for configurable-http-proxy, the class hub's proxy (docs/classroom.md)
+# then configurable-http-proxy from npm into build/node/ of this checkout (not globally).
+# `--proxy-only` installs only the proxy (and nodejs if missing): what a class server needs.
 # Idempotent: when everything is installed it changes nothing and needs no network or root.
 # Uses sudo when not run as root. Python packages (the psycopg2-binary driver) come from
 # pyproject.toml through `make`, not from here.
 set -euo pipefail
 
 PACKAGES=(bubblewrap postgresql chromium fonts-dejavu-core)
+if [ "${1:-}" = "--proxy-only" ]; then
+    PACKAGES=()
+fi
+command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROXY_DIR="$REPO/build/node"
+PROXY_BIN="$PROXY_DIR/node_modules/.bin/configurable-http-proxy"
+
+install_proxy() {  # configurable-http-proxy, pinned; 5.x needs node >= 20, 4.6 runs on older ones
+    local version=5.3.0
+    [ "$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -ge 20 ] || version=4.6.3
+    if [ -x "$PROXY_BIN" ] && [ "$("$PROXY_BIN" --version 2>/dev/null)" = "$version" ]; then
+        echo "configurable-http-proxy $version: present ($PROXY_BIN)"
+        return
+    fi
+    echo "installing configurable-http-proxy $version into $PROXY_DIR"
+    npm install --prefix "$PROXY_DIR" --no-audit --no-fund --no-save --omit=dev --loglevel=error \
+        "configurable-http-proxy@$version" \
+        || die "'npm install configurable-http-proxy@$version' failed (no network to the npm registry?)."
+    [ "$("$PROXY_BIN" --version 2>/dev/null)" = "$version" ] \
+        || die "configurable-http-proxy was installed but $PROXY_BIN --version does not say $version."
+}
 
 die() {
     echo "" >&2
@@ -32,6 +57,7 @@ for package in "${PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "system packages: all present (${PACKAGES[*]})"
+    install_proxy
     exit 0
 fi
 
@@ -56,3 +82,4 @@ done
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
     || die "the postgresql package is installed but no /usr/lib/postgresql/<version>/bin/initdb was found."
 echo "system packages: installed ${missing[*]}"
+install_proxy
