@@ -29,6 +29,21 @@ Small modules by topic:
 - :mod:`course_lib.instruction` — instruction pairs, chat template, prompt loss mask, BLEU (chapter 13)
 - :mod:`course_lib.hf_bridge` — the course GPT and MiniLM loaded into ``transformers``' models (chapter 12)
 - :mod:`course_lib.model_selection` — k-fold splits, grid and random search (chapter 13)
+- :mod:`course_lib.compression` — pruning, distillation, int8/int4 quantization, fake quantization
+  (chapter 14)
+- :mod:`course_lib.interpret` — saliency, integrated gradients, Grad-CAM, permutation importance, probes,
+  logit lens, activation patching, induction scores (chapter 15)
+- :mod:`course_lib.adversarial` — FGSM, PGD, accuracy under attack (chapters 15 and 16)
+- :mod:`course_lib.privacy`  — membership inference, canary exposure, DP-SGD checked against Opacus
+  (chapter 16)
+- :mod:`course_lib.safety`   — prompt injection and defences, WEAT, Paillier scoring, adversarial training
+  (chapter 16)
+- :mod:`course_lib.inference` — KV-cache size, padded batches, continuous batching, speculative decoding,
+  export to ONNX (chapter 17)
+- :mod:`course_lib.serving`  — a FastAPI server on loopback, a load test, monitoring, drift, a model registry
+  (chapter 17)
+- :mod:`course_lib.retrieval` — passages, BM25, dense and FAISS search, rank fusion, retrieval metrics,
+  grounded answers (chapter 18)
 - :mod:`course_lib.tokenizers`, :mod:`course_lib.lm_data`, :mod:`course_lib.gpt`,
   :mod:`course_lib.lm_train` — the language-model engine (chapters 8 onwards)
 """
