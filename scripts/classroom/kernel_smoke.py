@@ -9,10 +9,11 @@ the time until each replies is measured. Stops early when the memory left falls 
 
     .venv/bin/python scripts/classroom/kernel_smoke.py --max 40 --step 5
 
-Prints one line per step: kernels, memory used by them (MemAvailable before minus now), per
-kernel, and the reply times (median and slowest) of the simultaneous cell. First, the memory of
-one user's Jupyter server without a kernel (a student's JupyterLab, as the hub starts it): a
-user costs that plus a kernel.
+Prints one line per step: kernels, the memory of their processes (PSS, shared pages split
+between them), the machine's available memory used since the start (other processes count too),
+and the reply times (median and slowest) of the simultaneous cell. First, the memory of one
+user's Jupyter server without a kernel (a student's JupyterLab, as the hub starts it): a user
+costs that plus a kernel.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ model = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 64), torch.nn.ReLU(), to
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 def step():
     opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(X), y); loss.backward(); opt.step()
-    return float(loss)
+    return float(loss.detach())
 for _ in range(20):
     step()
 fig = plt.figure(); plt.plot(range(10)); plt.close(fig)
@@ -56,6 +57,13 @@ def mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def pss(pid: int) -> int:
+    """Proportional set size of a process (bytes): its own pages plus its share of shared ones
+    (torch's libraries are shared by every kernel), so kernels add up to what they really use."""
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
 
 
 def server_rss(timeout: float = 120) -> int:
@@ -92,7 +100,8 @@ def server_rss(timeout: float = 120) -> int:
 
 
 def run(client, code: str, timeout: float) -> str:
-    reply = client.execute_interactive(code, timeout=timeout, store_history=False)
+    reply = client.execute_interactive(code, timeout=timeout, store_history=False,
+                                       output_hook=lambda msg: None)
     return reply["content"]["status"]
 
 
@@ -132,9 +141,11 @@ def main() -> int:
                 if run(client, SETUP, args.reply_timeout) != "ok":
                     raise RuntimeError("the setup cell failed in a kernel")
             used = before - mem_available()
+            own = sum(pss(m.provisioner.process.pid) for m, _ in kernels)
             times = simultaneous([c for _, c in kernels], args.reply_timeout)
-            print(f"{len(kernels):3d} kernels: {used / 2**30:5.1f} GiB used "
-                  f"({used / len(kernels) / 2**20:4.0f} MiB each); one cell in all at once: "
+            print(f"{len(kernels):3d} kernels: {own / 2**30:5.1f} GiB in their processes (PSS, "
+                  f"{own / len(kernels) / 2**20:4.0f} MiB each); machine's MemAvailable down "
+                  f"{used / 2**30:5.1f} GiB; one cell in all at once: "
                   f"median reply {statistics.median(times):5.2f} s, slowest {max(times):5.2f} s", flush=True)
             if mem_available() < args.reserve_gib * 2**30:
                 print(f"stopped: under {args.reserve_gib} GiB left")

@@ -62,8 +62,9 @@ for name in "${instructor_list[@]}"; do make_user "$name" n2l-instructors; done
 for name in "${student_list[@]}"; do make_user "$name" ""; done
 
 runuser -u "${student_list[0]}" -- "$VENV/bin/python" -c "import grader.classroom" 2>/dev/null \
-    || die "user ${student_list[0]} cannot run $VENV/bin/python with the course: the checkout and its
-venv must be readable by every user (e.g. clone it under /opt, not in /root)."
+    || die "user ${student_list[0]} cannot run $VENV/bin/python with the course: the checkout, its
+venv and the Python the venv was made from ($(readlink -f "$VENV/bin/python")) must be readable by every
+user (e.g. clone it under /opt with a system Python, not in /root or with a pyenv Python under /root)."
 
 for path in solutions tests .git; do
     if [ -e "$REPO/$path" ]; then
