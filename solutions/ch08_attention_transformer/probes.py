@@ -169,6 +169,9 @@ def _block_outputs(f, x):
 MODULE_CASES = 3
 MODULE_PARTS = (("attn", "attn."), ("mlp", "mlp."), ("block", ""))
 F32_TOL = (1e-5, 1e-6)
+# Gradients through a whole block in float32 sum hundreds of rounded products in an order that
+# depends on how the answer is written: a correct answer was 6.3e-5 off on one secret seed.
+F32_GRAD_TOL = (1e-4, 1e-5)
 
 
 def _random_block_state(g, config, dtype=F64):
@@ -272,7 +275,9 @@ class _F32Tolerances(dict):
     def get(self, key, default=None):
         if key in self:
             return self[key]
-        if key.startswith(("grad3_", "out3_")):
+        if key.startswith("grad3_"):
+            return F32_GRAD_TOL
+        if key.startswith("out3_"):
             return F32_TOL
         return default
 
@@ -377,7 +382,9 @@ class _GPTTolerances(dict):
 
     def get(self, key, default=None):
         last = GPT_CASES - 1
-        if key.startswith((f"out{last}_", f"grad{last}_")):
+        if key.startswith(f"grad{last}_"):
+            return F32_GRAD_TOL
+        if key.startswith(f"out{last}_"):
             return F32_TOL
         if key.startswith("loss"):
             return (1e-6, 1e-6)
