@@ -151,6 +151,23 @@ def _gradebook_submissions(workspace: Path) -> dict[str, int]:
         return dict(rows.fetchall())
 
 
+def _start_coordinator(course: Path, subs: Path, workspace: Path, address: str) -> subprocess.Popen:
+    """``autograde --scheduler`` in the background (the test decides when it ends)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "grader", "--root", str(course), "autograde", str(subs), "--chapter",
+         CHAPTER, "--workspace", str(workspace), "--scheduler", address],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+def _wait_for_a_result(coordinator: subprocess.Popen, status: Path) -> None:
+    """Until the coordinator has recorded one graded submission in ``status``."""
+    deadline = time.monotonic() + 300
+    while not (status.exists() and '"status": "graded"' in status.read_text()):
+        assert coordinator.poll() is None and time.monotonic() < deadline, coordinator.communicate()
+        time.sleep(0.2)
+
+
 def test_cluster_grades_as_one_machine_does(cluster, course, release_nb, tmp_path):
     cluster.start_worker("w1")
     cluster.start_worker("w2")
@@ -210,11 +227,7 @@ def test_a_worker_lost_mid_batch(cluster, course, release_nb, tmp_path):
         nbformat.write(solved(release_nb, ex1_add=slow), str(subs / f"{student}.ipynb"))
     addresses = cluster.wait_for("w1", "w2")
     workspace = tmp_path / "ws"
-    coordinator = subprocess.Popen(
-        [sys.executable, "-m", "grader", "--root", str(course), "autograde", str(subs), "--chapter",
-         CHAPTER, "--workspace", str(workspace), "--scheduler", cluster.address],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MPLBACKEND": "Agg"})
+    coordinator = _start_coordinator(course, subs, workspace, cluster.address)
     try:
         victim = _kill_a_busy_worker(cluster, addresses, workspace / "status" / f"{CHAPTER}.json")
         stdout, stderr = coordinator.communicate(timeout=600)
@@ -244,17 +257,10 @@ def test_the_scheduler_lost_mid_batch(cluster, course, release_nb, tmp_path):
         nbformat.write(solved(release_nb, ex1_add=slow), str(subs / f"{student}.ipynb"))
     cluster.wait_for("w1")
     workspace = tmp_path / "ws"
-    coordinator = subprocess.Popen(
-        [sys.executable, "-m", "grader", "--root", str(course), "autograde", str(subs), "--chapter",
-         CHAPTER, "--workspace", str(workspace), "--scheduler", cluster.address],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MPLBACKEND": "Agg"})
+    coordinator = _start_coordinator(course, subs, workspace, cluster.address)
     status = workspace / "status" / f"{CHAPTER}.json"
     try:
-        deadline = time.monotonic() + 300
-        while not (status.exists() and '"status": "graded"' in status.read_text()):
-            assert coordinator.poll() is None and time.monotonic() < deadline, coordinator.communicate()
-            time.sleep(0.2)
+        _wait_for_a_result(coordinator, status)
         cluster.kill("scheduler")
         stdout, stderr = coordinator.communicate(timeout=180)
     finally:
@@ -328,17 +334,10 @@ def test_workers_that_cannot_grade_are_refused(cluster, course, release_nb, tmp_
 
 def _stop_after_first_result(course: Path, subs: Path, workspace: Path, address: str):
     """Run the coordinator and send it SIGTERM once it has recorded one submission."""
-    coordinator = subprocess.Popen(
-        [sys.executable, "-m", "grader", "--root", str(course), "autograde", str(subs), "--chapter",
-         CHAPTER, "--workspace", str(workspace), "--scheduler", address],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MPLBACKEND": "Agg"})
+    coordinator = _start_coordinator(course, subs, workspace, address)
     status = workspace / "status" / f"{CHAPTER}.json"
     try:
-        deadline = time.monotonic() + 300
-        while not (status.exists() and '"status": "graded"' in status.read_text()):
-            assert coordinator.poll() is None and time.monotonic() < deadline, coordinator.communicate()
-            time.sleep(0.2)
+        _wait_for_a_result(coordinator, status)
         coordinator.send_signal(signal.SIGTERM)
         stdout, stderr = coordinator.communicate(timeout=120)
     finally:
