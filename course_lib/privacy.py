@@ -3,6 +3,11 @@
 - Membership inference: the loss-threshold attack (Yeom et al., 2018) guesses "member" when a
   model's loss on an example is low. :func:`membership_auc` is its area under the ROC curve over
   every threshold (ties count one half), :func:`roc_curve` the curve itself.
+- A stronger attack, LiRA (Carlini et al., 2022): *shadow models* trained the same way on random
+  halves of the candidates give, for each example, the distribution of :func:`logit_confidence`
+  when it was trained on and when it was not; :func:`lira_scores` is the likelihood ratio of the
+  target's value under the two. :func:`dp_tpr_bound` is the most any attack can reach under
+  (ε, δ)-DP.
 - Memorisation: a *canary* (a made-up secret) is put into the training data and its
   :func:`exposure` (Carlini et al., 2019) measured against random candidates of the same form.
 - DP-SGD (Abadi et al., 2016): :func:`per_example_grads` with ``torch.func`` (``vmap`` of
@@ -80,6 +85,70 @@ def per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
         return F.cross_entropy(model(x.to(device)), y.to(device), reduction="none").double().cpu()
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def logit_confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LiRA's statistic of each example: ``log p_y - log(1 - p_y)`` of its true class, float64 on the
+    CPU, in eval mode. Computed from the logits as ``z_y - logsumexp_{j != y} z_j``, which stays
+    finite when ``p_y`` rounds to 1 (a loss of 0 in float32 says nothing; this still ranks)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        z = model(x.to(device)).double().cpu()
+    finally:
+        model.train(was_training)
+    true = z.gather(1, y.reshape(-1, 1)).squeeze(1)
+    others = z.scatter(1, y.reshape(-1, 1), -math.inf)
+    return true - torch.logsumexp(others, dim=1)
+
+
+def shadow_assignment(n: int, shadows: int, generator: torch.Generator) -> torch.Tensor:
+    """``(shadows, n)`` bool: which of ``n`` candidates each shadow model trains on. Every candidate
+    is in exactly ``shadows // 2`` shadows' training sets, chosen at random (``shadows`` must be
+    even and >= 2), so every candidate has shadows with it and without it."""
+    if shadows < 2 or shadows % 2:
+        raise ValueError(f"shadows must be even and >= 2, got {shadows}")
+    return (torch.rand(n, shadows, generator=generator).argsort(dim=1) < shadows // 2).T.contiguous()
+
+
+def lira_scores(target_stat: torch.Tensor, shadow_stats: torch.Tensor, shadow_in: torch.Tensor) -> torch.Tensor:
+    """The likelihood-ratio attack (LiRA, Carlini et al., 2022): for each candidate, the log of
+    ``N(target; mu_in, var_in) / N(target; mu_out, var_out)``. High means member.
+
+    ``target_stat`` ``(n,)`` is the attacked model's :func:`logit_confidence`, ``shadow_stats``
+    ``(k, n)`` the shadows', ``shadow_in`` ``(k, n)`` the :func:`shadow_assignment`. The means are
+    per candidate (how hard *this* example is, with and without it in training); each variance is
+    pooled over the candidates, the "global variance" variant that stays stable with few shadows."""
+    stats, inside = shadow_stats.double(), shadow_in.bool()
+    fewest = min(int(inside.sum(0).min()), int((~inside).sum(0).min()))
+    if fewest < 2:
+        raise ValueError(f"LiRA needs every candidate in at least 2 shadows and out of at least 2 (a spread "
+                         f"needs two values); one has {fewest}: train 4 or more shadows")
+
+    def fit(mask):
+        weight = mask.double()
+        mean = (stats * weight).sum(0) / weight.sum(0)
+        var = ((stats - mean) ** 2 * weight).sum() / (weight.sum() - weight.shape[1])
+        return mean, var
+
+    (mu_in, var_in), (mu_out, var_out) = fit(inside), fit(~inside)
+    t = target_stat.double()
+    return (-0.5 * (t - mu_in) ** 2 / var_in - 0.5 * torch.log(var_in)
+            + 0.5 * (t - mu_out) ** 2 / var_out + 0.5 * torch.log(var_out))
+
+
+def dp_tpr_bound(fpr: torch.Tensor, epsilon: float, delta: float) -> torch.Tensor:
+    """The highest true-positive rate any membership attack can have at false-positive rate ``fpr``
+    against an (ε, δ)-DP training algorithm (Kairouz et al., 2015):
+    ``min(1, e^ε fpr + δ, 1 - e^-ε (1 - δ - fpr))``."""
+    fpr = torch.as_tensor(fpr, dtype=torch.float64)
+    if math.isinf(epsilon):
+        return torch.ones_like(fpr)
+    first = math.exp(epsilon) * fpr + delta
+    second = 1 - math.exp(-epsilon) * (1 - delta - fpr)
+    return torch.clamp(torch.minimum(first, second), max=1.0)
 
 
 def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,

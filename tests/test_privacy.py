@@ -98,3 +98,66 @@ def test_wilson_interval():
     assert math.isclose(low + high, 1.0)
     with pytest.raises(ValueError):
         P.wilson_interval(0, 0)
+
+
+def test_logit_confidence_is_the_log_odds_of_the_true_class_and_stays_finite():
+    model = _mlp(3)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    p = torch.softmax(model(x), 1).gather(1, y[:, None]).squeeze(1).detach()
+    torch.testing.assert_close(P.logit_confidence(model, x, y), torch.log(p) - torch.log1p(-p))
+    saturated = nn.Linear(1, 3, bias=False)
+    with torch.no_grad():
+        saturated.weight.copy_(torch.tensor([[200.0], [0.0], [0.0]]))
+    out = P.logit_confidence(saturated, torch.ones(1, 1), torch.tensor([0]))
+    assert torch.isfinite(out).all() and math.isclose(float(out), 200 - math.log(2), rel_tol=1e-6)
+
+
+def test_shadow_assignment_puts_every_candidate_in_half_the_shadows():
+    inside = P.shadow_assignment(50, 8, torch.Generator().manual_seed(0))
+    assert inside.shape == (8, 50) and inside.dtype == torch.bool
+    assert (inside.sum(0) == 4).all()
+    assert len({tuple(col.tolist()) for col in inside.T}) > 10  # random, not one pattern for all
+    with pytest.raises(ValueError, match="even"):
+        P.shadow_assignment(10, 3, torch.Generator())
+
+
+def test_lira_scores_are_the_gaussian_likelihood_ratio_and_beat_an_uncalibrated_threshold():
+    g = torch.Generator().manual_seed(5)
+    n, k = 400, 16
+    difficulty = torch.randn(n, generator=g, dtype=torch.float64) * 3  # per-example: hides membership
+    inside = P.shadow_assignment(n, k, g)
+    shadows = difficulty + inside.double() * 1.0 + torch.randn(k, n, generator=g, dtype=torch.float64) * 0.5
+    member = torch.arange(n) < n // 2
+    target = difficulty + member.double() + torch.randn(n, generator=g, dtype=torch.float64) * 0.5
+    scores = P.lira_scores(target, shadows, inside)
+    # by hand for one candidate, with torch.distributions
+    mu_in = shadows[:, 7][inside[:, 7]].mean()
+    mu_out = shadows[:, 7][~inside[:, 7]].mean()
+    var_in = ((shadows - torch.where(inside, shadows, 0).sum(0) / inside.sum(0)) ** 2)[inside].sum() / (
+        inside.sum() - n)
+    var_out = ((shadows - torch.where(~inside, shadows, 0).sum(0) / (~inside).sum(0)) ** 2)[~inside].sum() / (
+        (~inside).sum() - n)
+    want = (torch.distributions.Normal(mu_in, var_in.sqrt()).log_prob(target[7])
+            - torch.distributions.Normal(mu_out, var_out.sqrt()).log_prob(target[7]))
+    torch.testing.assert_close(scores[7], want)
+    # "member when the statistic is high" alone is swamped by the difficulty; the ratio is not
+    plain = P.membership_auc(-target[member], -target[~member])
+    lira = P.membership_auc(-scores[member], -scores[~member])
+    assert plain < 0.65 < 0.8 < lira
+
+
+def test_dp_tpr_bound_is_the_hypothesis_testing_region():
+    fpr = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(P.dp_tpr_bound(fpr, 0.0, 0.0), fpr)  # ε = 0: no better than guessing
+    assert (P.dp_tpr_bound(fpr, math.inf, 1e-5) == 1).all()
+    assert math.isclose(float(P.dp_tpr_bound(torch.tensor(0.1, dtype=torch.float64), 1.0, 0.0)), math.e * 0.1, rel_tol=1e-12)
+    assert math.isclose(float(P.dp_tpr_bound(torch.tensor(0.5, dtype=torch.float64), 1.0, 0.0)), 1 - 0.5 / math.e, rel_tol=1e-12)
+    bound = P.dp_tpr_bound(fpr, 2.0, 1e-5)
+    assert (bound.diff() >= 0).all() and (bound >= fpr).all() and bound[-1] == 1
+
+
+def test_lira_scores_refuse_too_few_shadows_to_measure_a_spread():
+    inside = P.shadow_assignment(5, 2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="4 or more shadows"):
+        P.lira_scores(torch.zeros(5), torch.zeros(2, 5), inside)
