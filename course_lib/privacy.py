@@ -113,7 +113,8 @@ def shadow_assignment(n: int, shadows: int, generator: torch.Generator) -> torch
     return (torch.rand(n, shadows, generator=generator).argsort(dim=1) < shadows // 2).T.contiguous()
 
 
-def lira_scores(target_stat: torch.Tensor, shadow_stats: torch.Tensor, shadow_in: torch.Tensor) -> torch.Tensor:
+def lira_scores(target_stat: torch.Tensor, shadow_stats: torch.Tensor, shadow_in: torch.Tensor
+                ) -> torch.Tensor:
     """The likelihood-ratio attack (LiRA, Carlini et al., 2022): for each candidate, the log of
     ``N(target; mu_in, var_in) / N(target; mu_out, var_out)``. High means member.
 

@@ -1,6 +1,7 @@
 """Security and responsible use (chapter 16): prompt injection, bias tests, encrypted scoring.
 
-- Prompt injection: :func:`injection_success_rate` (does the answer contain the attacker's
+- Prompt injection: :func:`question_examples`, the task the attacked model is tuned for;
+  :func:`injection_success_rate` (does the answer contain the attacker's
   payload? with a Wilson interval), the defences :func:`datamark` (spotlighting: the data's
   spaces replaced by a marker), :func:`sandwich` (the instruction repeated after the data) and
   :func:`looks_like_injection` (a keyword input filter).
@@ -12,17 +13,39 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from course_lib.instruction import TASKS, Example, make_examples
 from course_lib.privacy import wilson_interval
 
 # ---------------------------------------------------------------------------------------------
 # Prompt injection
 # ---------------------------------------------------------------------------------------------
+
+
+QUESTION_TASK = "Is this line a question? Answer yes or no."
+
+
+def question_examples(works: Sequence[str], n: int, seed: int = 0) -> list[Example]:
+    """``n`` lines of the named works (the lines :func:`make_examples` uses), ``n // 2`` ending in a
+    question mark (response ``"yes"``) and ``n - n // 2`` not (``"no"``), in a seeded random order.
+    The task is easy on purpose: a model that does it well shows what an attack or a defence costs."""
+    lines = [e for e in make_examples(works, per_task=10**9, tasks={"last_word": TASKS["last_word"]},
+                                      seed=seed)]
+    questions = [e for e in lines if e.text.rstrip().endswith("?")][: n // 2]
+    others = [e for e in lines if not e.text.rstrip().endswith("?")][: n - n // 2]
+    if len(questions) < n // 2 or len(others) < n - n // 2:
+        raise ValueError(f"{works} have {len(questions)} question lines and {len(others)} others: "
+                         f"too few for n = {n}; ask for fewer or name more works")
+    out = [Example("question", QUESTION_TASK, e.text, "yes", e.work) for e in questions]
+    out += [Example("question", QUESTION_TASK, e.text, "no", e.work) for e in others]
+    random.Random(seed).shuffle(out)
+    return out
 
 
 def answer_words(text: str) -> list[str]:

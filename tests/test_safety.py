@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from course_lib import safety as S
@@ -46,3 +47,17 @@ def test_paillier_scores_equal_plaintext():
     x, w, b = torch.rand(2, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
     got = S.paillier_decrypt(private, S.paillier_linear_scores(S.paillier_encrypt(public, x), w, b))
     torch.testing.assert_close(got, x.double() @ w.double().T + b.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_question_examples_are_balanced_labelled_by_the_question_mark_and_seeded():
+    from course_lib.lm_data import split_by_work
+
+    works = split_by_work().val
+    got = S.question_examples(works, 41, seed=3)
+    assert len(got) == 41 and sum(e.response == "yes" for e in got) == 20
+    assert all((e.response == "yes") == e.text.rstrip().endswith("?") for e in got)
+    assert all(e.prompt.endswith("RESPONSE.\n") and S.QUESTION_TASK in e.prompt for e in got)
+    assert got == S.question_examples(works, 41, seed=3)
+    assert got != S.question_examples(works, 41, seed=4)
+    with pytest.raises(ValueError, match="too few"):
+        S.question_examples(works[:1], 10**6)
