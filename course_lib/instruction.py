@@ -90,22 +90,29 @@ class Example:
 
 def parse_speeches(text: str) -> list[Speech]:
     """The speeches of a cleaned play: blocks that start with a header line (``NAME.``) followed
-    by at least one line of text. Speakers are given in capitals."""
-    speeches = []
+    by at least one line of text. Speakers are given in capitals.
+
+    A block without a header that follows a speech continues it: the speech goes on after a stage
+    direction the cleaning removed (Macbeth's "Is this a dagger which I see before me"), and a header
+    alone in its block opens a speech whose lines follow. An act or scene heading, or a header that
+    names no speaker (``PROLOGUE``, ``FINIS``), ends the speech before it: nothing is carried across
+    a scene."""
+    speeches: list[Speech] = []
+    continues = False  # whether a block without a header belongs to the last speech
     for block in re.split(r"\n\s*\n", text):
-        lines = [line.strip() for line in block.strip().split("\n")]
-        if len(lines) < 2:
+        lines = [line.strip() for line in block.strip().split("\n") if line.strip()]
+        if not lines:
             continue
         match = _HEADER.match(lines[0])
-        if not match or not (match.group(2) or match.group(1).isupper()):
-            continue
-        speaker = match.group(1).upper()
-        if speaker in _NOT_SPEAKERS or speaker.startswith(("ACT ", "SCENE ")):
-            continue
-        body = tuple(line for line in lines[1:] if line)
-        if body:
-            speeches.append(Speech(speaker, body))
-    return speeches
+        header = bool(match and (match.group(2) or match.group(1).isupper()))
+        if header or lines[0].upper().startswith(("ACT ", "SCENE ")):
+            speaker = match.group(1).upper() if header else ""
+            continues = header and speaker not in _NOT_SPEAKERS and not speaker.startswith(("ACT ", "SCENE "))
+            if continues:  # a header alone on its line: the speech is in the blocks that follow
+                speeches.append(Speech(speaker, tuple(lines[1:])))
+        elif continues:
+            speeches[-1] = Speech(speeches[-1].speaker, speeches[-1].lines + tuple(lines))
+    return [speech for speech in speeches if speech.lines]
 
 
 def last_word(line: str) -> str:

@@ -111,19 +111,9 @@ def split_scenes(text: str) -> list[tuple[str, str]]:
 
 
 def scene_lines(body: str) -> list[tuple[str, str]]:
-    """``(speaker, line)`` for each spoken line of a scene: chapter 13's speeches, and the blocks
-    without a header that follow one (a speech that goes on after a stage direction the cleaning
-    removed, as Macbeth's "Is this a dagger which I see before me")."""
-    out: list[tuple[str, str]] = []
-    speaker = None
-    for block in re.split(r"\n\s*\n", body):
-        speeches = parse_speeches(block)
-        if speeches:
-            speaker = speeches[-1].speaker
-            out += [(speech.speaker, line) for speech in speeches for line in speech.lines]
-        elif speaker is not None:
-            out += [(speaker, line.strip()) for line in block.split("\n") if line.strip()]
-    return out
+    """``(speaker, line)`` for each spoken line of a scene, from chapter 13's speech parser (which
+    keeps a speech that goes on after a stage direction the cleaning removed)."""
+    return [(speech.speaker, line) for speech in parse_speeches(body) for line in speech.lines]
 
 
 @cache

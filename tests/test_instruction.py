@@ -23,6 +23,20 @@ def test_parse_speeches_reads_headers_and_skips_the_rest():
                         ins.Speech("ALL", ("Speak, speak.",))]
 
 
+def test_a_speech_goes_on_after_a_removed_stage_direction_but_not_across_a_scene():
+    text = ("MACBETH.\nGo bid thy mistress, when my drink is ready,\nShe strike upon the bell.\n\n"
+            "Is this a dagger which I see before me,\nThe handle toward my hand?\n\n"
+            "LADY MACBETH.\n\nThat which hath made them drunk hath made me bold.\n\n"
+            "SCENE III. The same.\n\nKnock, knock, knock!\n\nPORTER.\nHere's a knocking indeed!")
+    assert ins.parse_speeches(text) == [
+        ins.Speech("MACBETH", ("Go bid thy mistress, when my drink is ready,", "She strike upon the bell.",
+                               "Is this a dagger which I see before me,", "The handle toward my hand?")),
+        ins.Speech("LADY MACBETH", ("That which hath made them drunk hath made me bold.",)),  # header alone
+        # "Knock, knock" follows the scene heading: nobody's speech
+        ins.Speech("PORTER", ("Here's a knocking indeed!",)),
+    ]
+
+
 def test_last_word_and_normalisation():
     assert ins.last_word("Is't a verdict?") == "verdict"
     assert ins.last_word("We know't, we know't.") == "know't"
