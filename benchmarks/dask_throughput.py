@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import nbformat
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DASK = Path(sys.executable).parent / "dask"
@@ -97,25 +95,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from benchmarks.grading_throughput import solved_notebook
+    from benchmarks.grading_throughput import solved_submissions
 
     with tempfile.TemporaryDirectory(prefix="n2l-dask-bench-") as tmp:
         tmp = Path(tmp)
-        if args.chapter:
-            from grader.course import resolve_chapter
-
-            root, chapter = REPO, resolve_chapter(REPO, args.chapter)
-        else:
-            from tests.mini_course import CHAPTER, make_course
-
-            root, chapter = make_course(tmp / "course"), CHAPTER
-            subprocess.run([sys.executable, "-m", "grader", "--root", str(root), "release"], check=True,
-                           capture_output=True)
-        nb = solved_notebook(root, chapter)
-        subs = tmp / "subs"
-        for i in range(args.submissions):
-            (subs / f"student{i:03d}").mkdir(parents=True)
-            nbformat.write(nb, str(subs / f"student{i:03d}" / f"{chapter}.ipynb"))
+        root, chapter, _, subs = solved_submissions(tmp, args.chapter, args.submissions)
         for workers in args.workers:
             figures = grade_on_cluster(root, chapter, subs, tmp / f"cluster-{workers}", workers)
             print(json.dumps({

@@ -50,6 +50,29 @@ def solved_notebook(root: Path, chapter: str) -> nbformat.NotebookNode:
     return fill_answers(release, answers)
 
 
+def solved_submissions(tmp: Path, chapter: str | None, count: int
+                       ) -> tuple[Path, str, nbformat.NotebookNode, Path]:
+    """``(root, chapter, notebook, folder)``: ``count`` students' copies of the solved notebook in
+    ``folder`` (one sub-folder each), for the named chapter of this course or, without one, for the
+    released mini course of the tests, built in ``tmp``."""
+    if chapter:
+        from grader.course import resolve_chapter
+
+        root, chapter = REPO, resolve_chapter(REPO, chapter)
+    else:
+        from tests.mini_course import CHAPTER, make_course
+
+        root, chapter = make_course(tmp / "course"), CHAPTER
+        subprocess.run([sys.executable, "-m", "grader", "--root", str(root), "release"], check=True,
+                       capture_output=True)
+    nb = solved_notebook(root, chapter)
+    subs = tmp / "subs"
+    for i in range(count):
+        (subs / f"student{i:03d}").mkdir(parents=True)
+        nbformat.write(nb, str(subs / f"student{i:03d}" / f"{chapter}.ipynb"))
+    return root, chapter, nb, subs
+
+
 def own_run_time(nb: nbformat.NotebookNode, folder: Path, runs: int = 3) -> float:
     """Median seconds of ``runs`` plain runs of the notebook, kernel start included."""
     import copy
@@ -78,22 +101,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="n2l-bench-") as tmp:
         tmp = Path(tmp)
-        if args.chapter:
-            from grader.course import resolve_chapter
-
-            root, chapter = REPO, resolve_chapter(REPO, args.chapter)
-        else:
-            from tests.mini_course import CHAPTER, make_course
-
-            root, chapter = make_course(tmp / "course"), CHAPTER
-            subprocess.run([sys.executable, "-m", "grader", "--root", str(root), "release"], check=True,
-                           capture_output=True)
-        nb = solved_notebook(root, chapter)
+        root, chapter, nb, subs = solved_submissions(tmp, args.chapter, args.submissions)
         own = own_run_time(nb, tmp)
-        subs = tmp / "subs"
-        for i in range(args.submissions):
-            (subs / f"student{i:03d}").mkdir(parents=True)
-            nbformat.write(nb, str(subs / f"student{i:03d}" / f"{chapter}.ipynb"))
         for jobs in args.jobs:
             workspace = tmp / f"ws-{jobs}"
             cmd = [sys.executable, "-m", "grader", "--root", str(root), "autograde", str(subs),
