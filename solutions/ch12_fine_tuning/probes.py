@@ -87,6 +87,12 @@ def _wce_inputs(g):
     return x
 
 
+# A float32 loss near 0 from logits of size ten: a correct logsumexp and log_softmax differ by the
+# rounding of the logits (1.2e-7 seen on one secret seed), far beyond rtol * loss; 1e-5 absolute
+# still fails every weighting or normalising mistake, which moves the loss by its own size.
+F32_LOSS_TOL = {f"loss{i}": (1e-5, 1e-5) for i in range(N_WCE) if i % 2 == 0}
+
+
 def _wce_outputs(class_weights, weighted_cross_entropy, x):
     out = {}
     for i in range(N_WCE):
@@ -196,7 +202,7 @@ PROBES = [
             rtol=1e-5, atol=1e-6, same_dtype="out"),
     same_as("ex2_freeze_tests", ref.freeze_layers, _freeze_inputs, _freeze_outputs, rtol=1e-9, atol=1e-12),
     same_as("ex3_class_weights_tests", (ref.class_weights, ref.weighted_cross_entropy), _wce_inputs,
-            _wce_outputs, rtol=1e-5, atol=1e-7, same_dtype="out"),
+            _wce_outputs, rtol=1e-5, atol=1e-7, same_dtype="out", tolerances=F32_LOSS_TOL),
     same_as("ex4_metrics_tests", (ref.confusion_matrix, ref.classification_metrics), _metric_inputs,
             _metric_outputs, rtol=1e-9, atol=1e-12, same_dtype="out"),
     same_as("ex5_lora_tests", ref.LoRALinear, _lora_inputs, _lora_outputs, rtol=1e-5, atol=1e-5),
