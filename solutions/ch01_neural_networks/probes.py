@@ -110,8 +110,11 @@ def _train_check(x, out):
     if out["logits"].shape != (N_FIT, 3):
         return f"logits of shape {tuple(out['logits'].shape)}"
     accuracy = (out["logits"].argmax(dim=1) == x["y"][:N_FIT]).double().mean().item()
-    if accuracy < 0.9:
-        return f"training accuracy {accuracy:.3f} is below 0.9"
+    # 0.8, not 0.9: this exercise grades the training loop. With a wrong forward from exercise 1 (no
+    # ReLU: a linear model) the loop still trains, to about 0.9 and on one secret seed 0.897, so a
+    # bar at 0.9 failed or passed the same loop by chance.
+    if accuracy < 0.8:
+        return f"training accuracy {accuracy:.3f} is below 0.8"
     return None
 
 

@@ -170,8 +170,9 @@ MODULE_CASES = 3
 MODULE_PARTS = (("attn", "attn."), ("mlp", "mlp."), ("block", ""))
 F32_TOL = (1e-5, 1e-6)
 # Gradients through a whole block in float32 sum hundreds of rounded products in an order that
-# depends on how the answer is written: a correct answer was 6.3e-5 off on one secret seed.
-F32_GRAD_TOL = (1e-4, 1e-5)
+# depends on how the answer is written: correct answers were 6.3e-5 off (relative) and 1.16e-5 off
+# (absolute, a near-zero entry of an MLP weight's gradient) on two secret seeds.
+F32_GRAD_TOL = (1e-4, 1e-4)
 
 
 def _random_block_state(g, config, dtype=F64):
