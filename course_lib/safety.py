@@ -35,8 +35,7 @@ def question_examples(works: Sequence[str], n: int, seed: int = 0) -> list[Examp
     """``n`` lines of the named works (the lines :func:`make_examples` uses), ``n // 2`` ending in a
     question mark (response ``"yes"``) and ``n - n // 2`` not (``"no"``), in a seeded random order.
     The task is easy on purpose: a model that does it well shows what an attack or a defence costs."""
-    lines = [e for e in make_examples(works, per_task=10**9, tasks={"last_word": TASKS["last_word"]},
-                                      seed=seed)]
+    lines = make_examples(works, per_task=10**9, tasks={"last_word": TASKS["last_word"]}, seed=seed)
     questions = [e for e in lines if e.text.rstrip().endswith("?")][: n // 2]
     others = [e for e in lines if not e.text.rstrip().endswith("?")][: n - n // 2]
     if len(questions) < n // 2 or len(others) < n - n // 2:
